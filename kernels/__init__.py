@@ -1,0 +1,13 @@
+"""blockdpr_kernels: block-sparse linear and conv2d kernels in Triton, with a plain-torch fallback.
+
+Stand-alone: imports only torch (and triton when installed). See README.md.
+"""
+from .layout import BlockLayout, from_dense, to_dense
+from .ops import BACKENDS, CONV_BLOCKS, HAS_TRITON, LINEAR_BLOCKS, block_sparse_conv2d, block_sparse_linear
+
+__all__ = [
+    "BlockLayout", "from_dense", "to_dense",
+    "block_sparse_linear", "block_sparse_conv2d",
+    "BACKENDS", "LINEAR_BLOCKS", "CONV_BLOCKS", "HAS_TRITON",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""Block-sparse linear ``y = x @ W^T + b`` with ``W [N, K]`` packed as ``[nnz, bn, bk]`` (Triton).
+
+A linear layer over ``M`` rows is a 1x1 conv over ``M`` pixels of a ``[M, 1, 1, K]`` NHWC
+tensor, so these launchers reuse the implicit-GEMM kernels of :mod:`.conv` with unit
+spatial size (Triton specialises the size-1 dims to constants, so the spatial index math
+folds away):
+
+* forward: dense x sparse -> dense, one program per (M tile, block row), looping over the
+  row's active blocks (row_ptr / col_idx);
+* input gradient: dense x sparse^T -> dense, one program per (M tile, block column),
+  looping over the column's active blocks (col_ptr / col_row_idx / col_perm);
+* weight gradient: sampled dense x dense -> packed, active blocks only.
+
+All tensors are contiguous and on one device; ``x`` and ``values`` share a dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import conv
+
+_ONE = ((1, 1), 1, 0)  # kernel size, stride, padding of the equivalent conv
+
+
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    return t.view(t.shape[0], 1, 1, t.shape[1])
+
+
+def forward(x, values, row_ptr, col_idx, bias, n_out: int) -> torch.Tensor:
+    """``x [M, K]`` -> ``y [M, N]`` (dtype of x)."""
+    y = x.new_empty(x.shape[0], n_out)
+    conv.forward(_pixels(x), values, row_ptr, col_idx, bias, _pixels(y), *_ONE,
+                 torch.backends.cuda.matmul.allow_tf32)
+    return y
+
+
+def grad_input(dy, values, col_ptr, col_row_idx, col_perm, k_in: int) -> torch.Tensor:
+    """``dy [M, N]`` -> ``dx [M, K]`` = dy @ W."""
+    dx = dy.new_empty(dy.shape[0], k_in)
+    conv.grad_input(_pixels(dy), values, col_ptr, col_row_idx, col_perm, _pixels(dx), *_ONE,
+                    torch.backends.cuda.matmul.allow_tf32)
+    return dx
+
+
+def grad_weight(x, dy, row_idx, col_idx, block) -> torch.Tensor:
+    """``x [M, K]``, ``dy [M, N]`` -> packed ``(dy^T @ x)`` at the active blocks, ``[nnz, bn, bk]``."""
+    return conv.grad_weight(_pixels(x), _pixels(dy), row_idx, col_idx, block, *_ONE,
+                            torch.backends.cuda.matmul.allow_tf32)

@@ -1,0 +1,161 @@
+"""Invariants of Algorithm 1 (the DPR reallocator) and of per-segment selection."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from blockdpr.sparsity import DPRConfig, Reallocator, Segments, gmp_pruning_index, gmp_sparsity, split_regrowth
+
+
+@st.composite
+def segment_problem(draw):
+    sizes = draw(st.lists(st.integers(1, 60), min_size=1, max_size=6))
+    n = sum(sizes)
+    keys = draw(st.lists(st.floats(-5, 5, allow_nan=False) | st.just(float("inf")), min_size=n, max_size=n))
+    counts = [draw(st.integers(0, s + 2)) for s in sizes]
+    return sizes, torch.tensor(keys, dtype=torch.float64), torch.tensor(counts)
+
+
+@given(segment_problem())
+@settings(max_examples=200, deadline=None)
+def test_select_smallest_matches_per_tensor_sort(problem):
+    sizes, keys, counts = problem
+    chosen = Segments(sizes).select_smallest(keys, counts)
+    for seg_keys, seg_chosen, count in zip(torch.split(keys, sizes), torch.split(chosen, sizes), counts.tolist()):
+        finite = torch.isfinite(seg_keys)
+        expected = min(count, int(finite.sum()))
+        assert int(seg_chosen.sum()) == expected
+        assert not (seg_chosen & ~finite).any()
+        if 0 < expected < int(finite.sum()):  # every chosen key <= every finite unchosen key
+            assert seg_keys[seg_chosen].max() <= seg_keys[~seg_chosen & finite].min()
+
+
+@given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=1, max_size=30), st.integers(0, 10**6), st.data())
+@settings(max_examples=300, deadline=None)
+def test_split_regrowth_is_exact_and_within_capacity(pairs, seed, data):
+    surviving = np.array([p[0] for p in pairs])
+    free = np.array([p[1] for p in pairs])
+    total = data.draw(st.integers(0, int(free.sum())))
+    r = split_regrowth(surviving, free, total, np.random.default_rng(seed))
+    assert r.sum() == total
+    assert (r >= 0).all() and (r <= free).all()
+
+
+def test_split_regrowth_is_proportional_when_nothing_caps():
+    r = split_regrowth(np.array([1000, 3000, 6000]), np.array([10**6] * 3), 10_000, np.random.default_rng(0))
+    assert r.tolist() == [1000, 3000, 6000]
+
+
+def test_split_regrowth_rejects_impossible_totals():
+    with pytest.raises(ValueError, match="cannot regrow 11 units"):
+        split_regrowth(np.array([1, 1]), np.array([5, 5]), 11, np.random.default_rng(0))
+
+
+@st.composite
+def realloc_problem(draw):
+    sizes = draw(st.lists(st.integers(2, 300), min_size=1, max_size=6))
+    density = draw(st.floats(0.02, 0.9))
+    return sizes, density, draw(st.integers(0, 2**31 - 1)), draw(st.integers(1, 200)), draw(st.floats(1e-3, 2.0))
+
+
+@given(realloc_problem())
+@settings(max_examples=60, deadline=None)
+def test_reallocation_invariants_over_many_rounds(problem):
+    """Exact conservation, no empty tensor, pruning by H, regrowth only into old zeros, in every round."""
+    sizes, density, seed, target, h0 = problem
+    n = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    seg = Segments(sizes)
+    mask = seg.select_random(torch.ones(n, dtype=torch.bool), torch.tensor([max(1, int(density * s)) for s in sizes]), gen)
+    realloc = Reallocator(sizes, DPRConfig(target_pruned=target, initial_threshold=h0), seed)
+    active = int(mask.sum())
+    for step in range(40):
+        scores = torch.rand(n, generator=gen) * mask  # inactive units have magnitude 0
+        h = realloc.threshold
+        result = realloc.reallocate(scores, mask, step)
+        new = result.mask
+        assert int(new.sum()) == active, "active count must be conserved exactly"
+        assert (seg.count(new) >= 1).all(), "no tensor may be emptied"
+        pruned = mask & ~result.survived
+        assert bool((scores[pruned] < h).all()), "only units below H are pruned"
+        kept_below = result.survived & (scores < h)
+        assert int(kept_below.sum()) <= len(sizes), "at most one unit per tensor survives below H"
+        if int((~mask).sum()) >= result.pruned:
+            assert not (result.regrown & mask).any(), "regrowth only into units that were inactive"
+        assert not (result.survived & result.regrown).any()
+        assert result.regrown_per_tensor.tolist() == seg.count(result.regrown).tolist()
+        assert result.pruned == int(pruned.sum()) == int(result.regrown.sum())
+        mask = new
+
+
+def test_thousands_of_reallocations_conserve_count():
+    sizes = [432, 1152, 2304, 4608]
+    seg = Segments(sizes)
+    gen = torch.Generator().manual_seed(1)
+    mask = seg.select_random(torch.ones(seg.total, dtype=torch.bool), torch.tensor([s // 10 for s in sizes]), gen)
+    active = int(mask.sum())
+    realloc = Reallocator(sizes, DPRConfig(target_pruned=100), seed=3)
+    for step in range(2000):
+        result = realloc.reallocate(torch.rand(seg.total, generator=gen) * mask, mask, step)
+        mask = result.mask
+        assert int(mask.sum()) == active
+
+
+def test_threshold_adapts_into_the_tolerance_band():
+    """Uniform magnitudes: pruned count is about H * active, so H = 0.256 hits N_p = 25,600."""
+    n = 200_000
+    seg_sizes = [50_000, 150_000]
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(n, generator=gen) < 0.5
+    cfg = DPRConfig(target_pruned=int(0.256 * int(mask.sum())), tolerance=0.1, initial_threshold=0.001)
+    realloc = Reallocator(seg_sizes, cfg, seed=0)
+    history = []
+    for step in range(20):
+        result = realloc.reallocate(torch.rand(n, generator=gen) * mask, mask, step)
+        history.append(result.pruned)
+        mask = result.mask
+    band = [(1 - cfg.tolerance) * cfg.target_pruned, (1 + cfg.tolerance) * cfg.target_pruned]
+    assert history[0] < band[0], "starting at H = 0.001 prunes too few"
+    assert all(band[0] <= k <= band[1] for k in history[-8:]), history
+    assert realloc.threshold == pytest.approx(0.256)
+
+
+def test_threshold_halves_when_too_many_are_pruned():
+    realloc = Reallocator([1000], DPRConfig(target_pruned=10, initial_threshold=0.5), seed=0)
+    mask = torch.ones(1000, dtype=torch.bool)
+    mask[500:] = False
+    realloc.reallocate(torch.linspace(0, 1, 1000) * mask, mask, step=1)
+    assert realloc.threshold == 0.25
+
+
+def test_regrowth_is_random_and_seeded_by_step():
+    sizes = [1000]
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[:100] = True
+    scores = torch.linspace(0, 1, 1000) * mask
+    a = Reallocator(sizes, DPRConfig(target_pruned=10, initial_threshold=0.05), seed=7).reallocate(scores, mask, 5)
+    b = Reallocator(sizes, DPRConfig(target_pruned=10, initial_threshold=0.05), seed=7).reallocate(scores, mask, 5)
+    c = Reallocator(sizes, DPRConfig(target_pruned=10, initial_threshold=0.05), seed=7).reallocate(scores, mask, 6)
+    assert torch.equal(a.regrown, b.regrown)
+    assert not torch.equal(a.regrown, c.regrown)
+    assert a.regrown[100:].any() and not a.regrown[:100].any()
+
+
+def test_reallocator_rejects_bad_input():
+    realloc = Reallocator([10, 10], DPRConfig(), seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        realloc.reallocate(torch.rand(19), torch.ones(19, dtype=torch.bool), 0)
+    with pytest.raises(TypeError, match="bool"):
+        realloc.reallocate(torch.rand(20), torch.ones(20), 0)
+    with pytest.raises(ValueError, match="target_pruned"):
+        DPRConfig(target_pruned=0)
+
+
+def test_gmp_schedule_is_cubic_and_ends_at_the_target():
+    values = [gmp_sparsity(k, 0.9) for k in range(1, 21)]
+    assert values[-1] == pytest.approx(0.9)
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert values[0] == pytest.approx(0.9 * (1 - 0.95**3))
+    assert [gmp_pruning_index(e) for e in range(0, 6)] == [1, None, 2, None, 3, None]
+    assert gmp_pruning_index(38) == 20 and gmp_pruning_index(40) is None
