@@ -39,7 +39,7 @@ MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
 # The compressed baseline's fine-tuning schedule (DSR paper): 48 epochs, lr 0 / 0.02 / 0.004 / 0.0008.
 GMP_EPOCHS = 48
 GMP_LR_SCHEDULE = "0:0,1:0.02,25:0.004,35:0.0008"
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 # ---- command line --------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""The training CLI end to end on a tiny WRN and a tiny synthetic CIFAR-10 (python batches)."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blockdpr.sparsity import initial_keep_count
+from blockdpr.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--depth", "10", "--width", "1", "--batch-size", "20", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """cifar-10-batches-py with 5 x 40 training and 60 test images whose class is readable from colour."""
+    root = tmp_path_factory.mktemp("data") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+
+    def batch(n, offset):
+        labels = [(i + offset) % 10 for i in range(n)]
+        data = rng.integers(0, 60, size=(n, 3, 32, 32), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            data[i, y % 3] += np.uint8(20 * y)
+        return {b"data": data.reshape(n, 3072), b"labels": labels}
+
+    for i in range(1, 6):
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(40, i), protocol=4))
+    (root / "test_batch").write_bytes(pickle.dumps(batch(60, 0), protocol=4))
+    return root
+
+
+def run(tmp_path: Path, name: str, *flags: str) -> tuple[Path, dict]:
+    out = tmp_path / name
+    summary = main([*TINY, "--out", str(out), *flags])
+    return out, summary
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # wall-clock fields differ between runs
+        row.pop("seconds"), row.pop("images_per_s")
+    return rows
+
+
+def test_help_lists_the_flags():
+    out = subprocess.run([sys.executable, "-m", "blockdpr.train", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0
+    for flag in ("--granularity", "--mode", "--sparsity", "--dpr-stop-epoch", "--keep-momentum", "--resume", "--compile"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsity", "1.5"], "--sparsity must be in (0, 1)"),
+    (["--mode", "reinit"], "needs --structure-from"),
+    (["--mode", "gmp"], "needs --dense-from"),
+    (["--lr-schedule", "3:0.1"], "must start at 0"),
+])
+def test_bad_flags_are_named(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_all_modes_run_and_depend_on_each_other(tmp_path, tiny_cifar):
+    data = ["--data", str(tiny_cifar), "--epochs", "2"]
+    dpr, s = run(tmp_path, "dpr", *data, "--realloc-periods", "0:2", "--target-pruned", "300")
+    config = json.loads((dpr / "config.json").read_text())
+    assert config["data"]["description"] == "CIFAR-10 (official python batches)"
+    assert config["parameters"]["sparse_tensor_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    rows = metrics(dpr)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["weights_moved"] > 0 for r in rows), "DPR must move weights"
+    masks = torch.load(dpr / "final_masks.pt", weights_only=True)
+    model_sizes = [m.numel() for m in masks.values()]
+    assert s["nonzero_sparse_weights"] == sum(initial_keep_count(n, 0.9) for n in model_sizes)
+
+    static, _ = run(tmp_path, "static", *data)
+    assert all(r["weights_moved"] == 0 for r in metrics(static))
+    for mode in ("reinit", "orig-init"):
+        out, _ = run(tmp_path, mode, *data, "--mode", mode, "--structure-from", str(dpr))
+        final = torch.load(out / "final_masks.pt", weights_only=True)
+        assert all(torch.equal(final[k], masks[k]) for k in masks), f"{mode} must keep the DPR run's final structure"
+
+    dense, s_dense = run(tmp_path, "dense", *data, "--mode", "dense")
+    assert s_dense["nonzero_sparse_weights"] is None
+    gmp, s_gmp = run(tmp_path, "gmp", *data, "--mode", "gmp", "--dense-from", str(dense),
+                     "--epochs", "3", "--gmp-steps", "3", "--gmp-interval", "1")
+    assert s_gmp["nonzero_sparse_weights"] == sum(initial_keep_count(n, 0.9) for n in model_sizes)
+    assert [r["lr"] for r in metrics(gmp)] == [0.0, 0.02, 0.02]
+
+
+def test_orig_init_requires_a_finished_run(tmp_path, tiny_cifar, capsys):
+    with pytest.raises(SystemExit, match="not a finished run"):
+        main([*TINY, "--data", str(tiny_cifar), "--out", str(tmp_path / "x"), "--mode", "orig-init",
+              "--structure-from", str(tmp_path / "missing")])
+
+
+def test_existing_run_needs_resume_and_incompatible_checkpoint_is_refused(tmp_path, tiny_cifar, capsys):
+    data = ["--data", str(tiny_cifar), "--epochs", "1"]
+    out, _ = run(tmp_path, "a", *data)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(tmp_path, "a", *data)
+    (out / "summary.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "a", *data, "--resume", "--sparsity", "0.8")
+    assert e.value.code == 2
+    assert "sparsity: checkpoint has 0.9, this run has 0.8" in capsys.readouterr().err
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_cifar):
+    flags = [*TINY, "--data", str(tiny_cifar), "--epochs", "3", "--realloc-periods", "0:3", "--target-pruned", "300",
+             "--checkpoint-every", "3"]
+    reference = tmp_path / "reference"
+    main([*flags, "--out", str(reference)])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "blockdpr.train", *flags, "--out", str(killed)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+
+    main([*flags, "--out", str(killed), "--resume"])
+    assert metrics(killed) == metrics(reference)
+    a = torch.load(killed / "last.pt", weights_only=True)
+    b = torch.load(reference / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
