@@ -98,21 +98,17 @@ def test_regrown_weights_learn_after_reallocation():
     assert torch.count_nonzero(flat[result.regrown]) > 0
 
 
-def test_prune_to_keeps_the_largest_magnitudes():
+def test_prune_to_sparsity_keeps_the_largest_magnitudes():
     model = WideResNet(10, 1)
     params = sparse_parameters(model)
+    dense = {n: p.detach().clone() for n, p in params.items()}
     sparsity = ElementSparsity(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
-    keep = [p.numel() // 4 for p in params.values()]
-    sparsity.prune_to(keep)
-    assert sparsity.nonzero_counts() == keep
-    for p, m in zip(sparsity.params, sparsity.masks):
+    sparsity.prune_to_sparsity(0.75)
+    assert sparsity.nonzero_counts() == [initial_keep_count(p.numel(), 0.75) for p in params.values()]
+    for (name, p), m in zip(params.items(), sparsity.masks):
         assert torch.count_nonzero(p[~m]) == 0
-    fresh = WideResNet(10, 1)
-    w = sparse_parameters(fresh)["group1.0.conv1.weight"].detach()
-    s = ElementSparsity({"w": torch.nn.Parameter(w.clone())}, {"w": torch.ones_like(w, dtype=torch.bool)})
-    s.prune_to([10])
-    assert torch.equal(s.masks[0].reshape(-1).nonzero().flatten().sort().values,
-                       w.abs().reshape(-1).topk(10).indices.sort().values)
+        strongest = dense[name].abs().reshape(-1).topk(int(m.sum())).indices
+        assert torch.equal(m.reshape(-1).nonzero().flatten(), strongest.sort().values)
 
 
 def test_mask_state_dict_round_trip_and_validation():

@@ -9,6 +9,10 @@ masked weight is exactly zero at every point the model can see it:
   buffer of a pruned weight is kept (as the DSR authors' code did) and may be non-zero;
 - on a reallocation, pruned weights are zeroed and regrown ones start at zero, with zero
   optimizer state (unless `keep_momentum`).
+
+The unit of reallocation is an element by default. With `block=(b_out, b_in)` it is a block of
+the weight matrix (see blocks.py) scored by its mean |w|: the same masks, on dense storage, as
+block mode's packed storage, which makes this the reference that block mode is tested against.
 """
 
 from __future__ import annotations
@@ -16,22 +20,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reallocator import Reallocator, ReallocationResult
-from .select import Segments, seeded_generator
+from .blocks import block_grid, block_means, expand_blocks, matrix_to_weight, weight_to_matrix
+from .select import Segments
+from .structure import SparseStructure, random_structure
 
 
-def initial_keep_count(numel: int, sparsity: float) -> int:
-    """Weights a tensor keeps at the start: int((1 - s) * numel + 0.1), at least one."""
-    return max(1, int((1 - sparsity) * numel + 0.1))
-
-
-class ElementSparsity:
+class ElementSparsity(SparseStructure):
     """Masks over a fixed, ordered set of parameters.
 
     params: name -> Parameter (any shape); masks: name -> bool tensor of the same shape.
+    block: None (the unit is an element) or (b_out, b_in) (the unit is a block; masks must be
+    made of whole blocks).
     """
 
-    def __init__(self, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]):
+    def __init__(self, params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
+                 block: tuple[int, int] | None = None):
         if list(params) != list(masks):
             raise ValueError(f"params and masks must have the same names in the same order: {list(params)} vs {list(masks)}")
         for name, p in params.items():
@@ -41,21 +44,19 @@ class ElementSparsity:
         self.names = list(params)
         self.params = list(params.values())
         self.masks = [masks[n].to(p.device) for n, p in zip(self.names, self.params)]
-        self.segments = Segments([p.numel() for p in self.params], self.params[0].device)
+        self.block = None if block is None else tuple(block)
+        self.segments = Segments(unit_counts(self.params, self.block), self.params[0].device)
+        self.dense_numels = [p.numel() for p in self.params]
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def random(cls, params: dict[str, nn.Parameter], sparsity: float, seed: int) -> "ElementSparsity":
-        """A uniformly random structure: each tensor keeps initial_keep_count(numel, sparsity)."""
-        if not 0 < sparsity < 1:
-            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
-        tensors = list(params.values())
-        segments = Segments([p.numel() for p in tensors], tensors[0].device)
-        counts = torch.tensor([initial_keep_count(p.numel(), sparsity) for p in tensors], device=tensors[0].device)
-        eligible = torch.ones(segments.total, dtype=torch.bool, device=tensors[0].device)
-        flat = segments.select_random(eligible, counts, seeded_generator(tensors[0].device, seed, -1))
-        masks = {n: m.view_as(p) for (n, p), m in zip(params.items(), segments.split(flat))}
-        return cls(params, masks)
+    def random(cls, params: dict[str, nn.Parameter], sparsity: float, seed: int,
+               block: tuple[int, int] | None = None) -> "ElementSparsity":
+        """A uniformly random structure: each tensor keeps initial_keep_count(units, sparsity) units."""
+        structure = cls(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}, block)
+        keep = random_structure(structure.segments, sparsity, seed)
+        structure.set_structure(keep, torch.zeros_like(keep))
+        return structure
 
     # ---- the masking invariant ----------------------------------------------------------
     @torch.no_grad()
@@ -72,13 +73,25 @@ class ElementSparsity:
 
     # ---- flat views used by the reallocator -----------------------------------------------
     def flat_mask(self) -> torch.Tensor:
-        """bool [n]: all masks end to end."""
-        return torch.cat([m.reshape(-1) for m in self.masks])
+        """bool [n units]: the masks of all units end to end."""
+        if self.block is None:
+            return torch.cat([m.reshape(-1) for m in self.masks])
+        return torch.cat([weight_to_matrix(m)[:: self.block[0], :: self.block[1]].reshape(-1) for m in self.masks])
 
     @torch.no_grad()
     def flat_scores(self) -> torch.Tensor:
-        """float [n]: |w| of every weight end to end."""
-        return torch.cat([p.detach().reshape(-1).abs().float() for p in self.params])
+        """float [n units]: |w| of every element, or mean |w| of every block, end to end."""
+        if self.block is None:
+            return torch.cat([p.detach().reshape(-1).abs().float() for p in self.params])
+        return torch.cat([block_means(weight_to_matrix(p), self.block).reshape(-1) for p in self.params])
+
+    def _element_masks(self, flat_units: torch.Tensor) -> list[torch.Tensor]:
+        """Flat bool [n units] -> one element mask per parameter, shaped like it."""
+        units = self.segments.split(flat_units)
+        if self.block is None:
+            return [u.view_as(p) for u, p in zip(units, self.params)]
+        grids = [block_grid(p.shape, self.block) for p in self.params]
+        return [matrix_to_weight(expand_blocks(u.view(g), self.block), p.shape) for u, g, p in zip(units, grids, self.params)]
 
     @torch.no_grad()
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
@@ -89,8 +102,8 @@ class ElementSparsity:
         parameter are multiplied by `survived`, so pruned and regrown weights restart with zero
         state, unless keep_momentum.
         """
-        survived_t = [m.view_as(p) for m, p in zip(self.segments.split(survived), self.params)]
-        new = [m.view_as(p) for m, p in zip(self.segments.split(survived | regrown), self.params)]
+        survived_t = self._element_masks(survived)
+        new = self._element_masks(survived | regrown)
         torch._foreach_mul_(self.params, survived_t)
         if optimizer is not None and not keep_momentum:
             for p, keep in zip(self.params, survived_t):
@@ -99,27 +112,10 @@ class ElementSparsity:
                         value.mul_(keep)
         self.masks = new
 
-    def reallocate(self, reallocator: Reallocator, step: int, optimizer: torch.optim.Optimizer | None = None,
-                   keep_momentum: bool = False) -> ReallocationResult:
-        """Run one DPR reallocation on these tensors and install its result."""
-        result = reallocator.reallocate(self.flat_scores(), self.flat_mask(), step)
-        self.set_structure(result.survived, result.regrown, optimizer, keep_momentum)
-        return result
-
-    @torch.no_grad()
-    def prune_to(self, keep_counts: list[int]) -> None:
-        """Magnitude pruning: each tensor keeps its keep_counts[i] largest |w| among active weights."""
-        scores = torch.where(self.flat_mask(), -self.flat_scores(), torch.tensor(float("inf"), device=self.params[0].device))
-        keep = self.segments.select_smallest(scores, torch.tensor(keep_counts, device=scores.device))
-        self.set_structure(keep, torch.zeros_like(keep))
-
     # ---- reporting and persistence --------------------------------------------------------
     def nonzero_counts(self) -> list[int]:
         """Active weights per tensor (one host sync)."""
-        return self.segments.count(self.flat_mask()).tolist()
-
-    def densities(self) -> dict[str, float]:
-        return {n: c / p.numel() for n, c, p in zip(self.names, self.nonzero_counts(), self.params)}
+        return torch.stack([m.sum() for m in self.masks]).tolist()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: m.cpu() for n, m in zip(self.names, self.masks)}
@@ -131,3 +127,17 @@ class ElementSparsity:
             if m.shape != p.shape or m.dtype != torch.bool:
                 raise ValueError(f"mask of {n} must be bool {tuple(p.shape)}, got {m.dtype} {tuple(m.shape)}")
         self.masks = [m.to(p.device) for m, p in zip(masks.values(), self.params)]
+
+
+def unit_counts(params: list[torch.Tensor], block: tuple[int, int] | None) -> list[int]:
+    """Units per tensor: elements, or blocks (with a clear error if a block does not tile a tensor)."""
+    if block is None:
+        return [p.numel() for p in params]
+    counts = []
+    for p in params:
+        grid = block_grid(p.shape, block)
+        if grid is None:
+            raise ValueError(f"block {tuple(block)} does not tile a weight of shape {tuple(p.shape)}")
+        counts.append(grid[0] * grid[1])
+    return counts
+

@@ -1,0 +1,208 @@
+"""Block mode: sparse convs that store only their active blocks and run on blockdpr_kernels.
+
+A BlockSparseConv2d holds `values` [nnz, b_out, b_in] (the only parameter; its gradient and
+optimizer state have the same packed shape) and a BlockLayout of its weight matrix
+[C_out, kh * kw * C_in]. No dense copy of the weight exists. BlockSparsity is the storage the
+reallocator works on: a reallocation rebuilds each layer's values, optimizer state and layout,
+survivors keeping both, regrown blocks starting at zero with zero state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blockdpr_kernels import CONV_BLOCKS, BlockLayout, block_sparse_conv2d
+
+from .blocks import block_grid, matrix_to_weight, weight_to_matrix
+from .select import Segments
+from .structure import SparseStructure, random_structure
+
+
+class BlockSparseConv2d(nn.Module):
+    """Conv2d (no bias, groups 1) with a block-sparse weight.
+
+    Input float [B, C_in, H, W] (any memory format; channels_last avoids a copy), output
+    [B, C_out, P, Q] in channels_last. Under autocast, input and values run in the autocast dtype.
+    """
+
+    def __init__(self, weight_shape: tuple[int, int, int, int], stride: int, padding: int,
+                 block: tuple[int, int], mask: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.weight_shape = tuple(weight_shape)
+        self.stride, self.padding = stride, padding
+        self.block = tuple(block)
+        self.layout = BlockLayout(mask, self.block)
+        self.values = nn.Parameter(values)
+        self.layout.check_values(self.values)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, block: tuple[int, int], mask: torch.Tensor) -> "BlockSparseConv2d":
+        """Pack the blocks of `conv.weight` that `mask` [grid] keeps."""
+        if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] \
+                or conv.padding[0] != conv.padding[1]:
+            raise ValueError(f"only bias-free, ungrouped, undilated square convs can be block-sparse, got {conv}")
+        layout = BlockLayout(mask, tuple(block))
+        values = layout.pack(weight_to_matrix(conv.weight.detach()).contiguous())
+        return cls(tuple(conv.weight.shape), conv.stride[0], conv.padding[0], block, mask, values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = self.values
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, values = x.to(dtype), values.to(dtype)
+        else:
+            values = values.to(x.dtype)
+        return block_sparse_conv2d(x.contiguous(memory_format=torch.channels_last), values, self.layout,
+                                   stride=self.stride, padding=self.padding, kernel_size=self.weight_shape[2:])
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense [C_out, C_in, kh, kw] tensor, zeros where pruned (for export)."""
+        return matrix_to_weight(self.layout.unpack(self.values.detach()), self.weight_shape).contiguous()
+
+    def extra_repr(self) -> str:
+        c_out, c_in, kh, kw = self.weight_shape
+        return (f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}, "
+                f"block={self.block}, nnz={self.layout.nnz}/{self.layout.grid[0] * self.layout.grid[1]}")
+
+
+class BlockSparsity(SparseStructure):
+    """The packed block-sparse layers of a model, as one set of reallocation units (blocks)."""
+
+    def __init__(self, layers: dict[str, BlockSparseConv2d]):
+        if not layers:
+            raise ValueError("BlockSparsity needs at least one layer")
+        self.names = list(layers)
+        self.layers = list(layers.values())
+        self.block = self.layers[0].block
+        self.segments = Segments([m.layout.mask.numel() for m in self.layers], self.layers[0].values.device)
+        self.dense_numels = [torch.Size(m.weight_shape).numel() for m in self.layers]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [m.values for m in self.layers]
+
+    def apply_(self) -> None:
+        """Nothing to mask: packed storage holds only active blocks."""
+
+    def mask_grads_(self) -> None:
+        """Nothing to mask: gradients have the packed shape."""
+
+    def flat_mask(self) -> torch.Tensor:
+        return torch.cat([m.layout.mask.reshape(-1) for m in self.layers])
+
+    @torch.no_grad()
+    def flat_scores(self) -> torch.Tensor:
+        scores = []
+        for m in self.layers:
+            s = torch.zeros(m.layout.mask.numel(), device=m.values.device)
+            s[m.layout.mask.reshape(-1)] = m.values.detach().abs().float().mean(dim=(1, 2))
+            scores.append(s)
+        return torch.cat(scores)
+
+    @torch.no_grad()
+    def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
+                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
+        """Rebuild every layer's packed values, optimizer state and layout for the new masks.
+
+        keep_momentum has no effect here: a pruned block's state is dropped with its values.
+        """
+        for m, keep, new in zip(self.layers, self.segments.split(survived), self.segments.split(survived | regrown)):
+            grid = m.layout.grid
+            # Packed index of every grid position in the old layout (-1: inactive or pruned).
+            old_index = torch.full((keep.numel(),), -1, dtype=torch.int64, device=keep.device)
+            old_index[m.layout.mask.reshape(-1)] = torch.arange(m.layout.nnz, device=keep.device)
+            old_index[~keep] = -1
+            source = old_index[new]  # new packed order = row-major over the new mask
+            p = m.values
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for key, value in list(state.items()):
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    state[key] = _gather_blocks(value, source)
+            p.data = _gather_blocks(p.data, source)
+            p.grad = None
+            m.layout = BlockLayout(new.view(grid), m.block)
+
+    def nonzero_counts(self) -> list[int]:
+        return [m.layout.nnz * m.block[0] * m.block[1] for m in self.layers]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Block masks [grid] per layer (the values are in the model's state_dict)."""
+        return {n: m.layout.mask.cpu() for n, m in zip(self.names, self.layers)}
+
+    def load_state_dict(self, masks: dict[str, torch.Tensor]) -> None:
+        """Install saved block masks with zero values of the matching packed shape; load the
+        model's state_dict afterwards to fill them."""
+        if list(masks) != self.names:
+            raise ValueError(f"block mask names do not match the model's block-sparse layers: {list(masks)} vs {self.names}")
+        for n, m in zip(self.names, self.layers):
+            mask = masks[n]
+            if mask.shape != m.layout.mask.shape or mask.dtype != torch.bool:
+                raise ValueError(f"block mask of {n} must be bool {tuple(m.layout.mask.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+            m.layout = BlockLayout(mask.to(m.values.device), m.block)
+            m.values.data = m.values.new_zeros(m.layout.nnz, *m.block)
+
+
+def _gather_blocks(values: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """values [nnz_old, ...] -> [len(source), ...]: row source[i] of values, or zeros where source[i] < 0."""
+    out = values[source.clamp(min=0)]
+    return out.masked_fill_((source < 0).view(-1, *([1] * (values.dim() - 1))), 0)
+
+
+def to_block_sparse(model: nn.Module, names: list[str], block: int, sparsity: float, seed: int,
+                    masks: dict[str, torch.Tensor] | None = None) -> tuple[BlockSparsity, list[str]]:
+    """Replace the convs `names` (weights, e.g. 'group1.0.conv1.weight') of `model` by
+    BlockSparseConv2d with (block x block) blocks, in place.
+
+    Structure: `masks` (name -> bool grid) if given, else uniformly random, each layer keeping
+    initial_keep_count(blocks, sparsity) blocks. Convs whose channels the block does not divide
+    stay dense; their names are returned as the second value so the run can report them.
+    """
+    if block not in CONV_BLOCKS:
+        raise ValueError(f"--block-size must be one of {CONV_BLOCKS} for convolutions, got {block}")
+    modules = dict(model.named_modules())
+    convs = {n: modules[n.rsplit(".", 1)[0]] for n in names}
+    blockable = {n: c for n, c in convs.items() if block_grid(c.weight.shape, (block, block)) is not None}
+    dense = [n for n in names if n not in blockable]
+    if not blockable:
+        raise ValueError(f"block size {block} divides the channels of none of the sparse layers; use a smaller --block-size")
+    grids = {n: block_grid(c.weight.shape, (block, block)) for n, c in blockable.items()}
+    if masks is None:
+        segments = Segments([g[0] * g[1] for g in grids.values()], next(model.parameters()).device)
+        flat = random_structure(segments, sparsity, seed)
+        masks = {n: m.view(grids[n]) for n, m in zip(blockable, segments.split(flat))}
+    layers = {}
+    for name, conv in blockable.items():
+        layer = BlockSparseConv2d.from_conv(conv, (block, block), masks[name].to(conv.weight.device))
+        parent_name, _, attr = name[: -len(".weight")].rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, layer)
+        layers[name] = layer
+    return BlockSparsity(layers), dense
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain dense state_dict: each block-sparse layer's `values` becomes its dense `weight`
+    [C_out, C_in, kh, kw] with zeros where pruned. Loads into the dense model of the same shape."""
+    state = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, BlockSparseConv2d):
+            del state[f"{name}.values"]
+            state[f"{name}.weight"] = m.dense_weight()
+    return state
+
+
+def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a plain dense state_dict into a model with block-sparse layers: each such layer keeps
+    the blocks of its dense weight that hold any non-zero (its layout follows the weight)."""
+    state = dict(state)
+    for name, m in model.named_modules():
+        if isinstance(m, BlockSparseConv2d):
+            weight = state.pop(f"{name}.weight", None)
+            if weight is None or tuple(weight.shape) != m.weight_shape:
+                found = None if weight is None else tuple(weight.shape)
+                raise ValueError(f"dense state_dict needs {name}.weight of shape {m.weight_shape}, found {found}")
+            matrix = weight_to_matrix(weight.to(m.values.device, m.values.dtype)).contiguous()
+            m.layout = BlockLayout.from_dense(matrix, m.block)
+            m.values.data = m.layout.pack(matrix)
+            state[f"{name}.values"] = m.values.data
+    model.load_state_dict(state)

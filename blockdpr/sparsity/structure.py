@@ -1,0 +1,78 @@
+"""What every sparse storage shares: the initial structure, reallocation and magnitude pruning.
+
+A storage (ElementSparsity: dense tensors with masks; BlockSparsity: packed active blocks)
+exposes its units as flat vectors over all its tensors (`flat_scores`, `flat_mask`) and installs
+a new structure from flat masks (`set_structure`); everything structural is written here once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reallocator import Reallocator, ReallocationResult
+from .select import Segments, seeded_generator
+
+
+def initial_keep_count(units: int, sparsity: float) -> int:
+    """Units a tensor keeps at the start: int((1 - s) * units + 0.1), at least one."""
+    return max(1, int((1 - sparsity) * units + 0.1))
+
+
+def random_structure(segments: Segments, sparsity: float, seed: int) -> torch.Tensor:
+    """Flat bool [n units]: each segment keeps initial_keep_count(size, sparsity) units at random."""
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    device = segments.device
+    counts = torch.tensor([initial_keep_count(n, sparsity) for n in segments.sizes], device=device)
+    eligible = torch.ones(segments.total, dtype=torch.bool, device=device)
+    return segments.select_random(eligible, counts, seeded_generator(device, seed, -1))
+
+
+class SparseStructure:
+    """Base of the sparse storages. Subclasses set `names`, `segments` (units per tensor) and
+    `dense_numels` (weights per tensor if dense), and implement the methods that raise here."""
+
+    names: list[str]
+    segments: Segments
+    dense_numels: list[int]
+
+    # ---- implemented by each storage --------------------------------------------------------
+    def flat_mask(self) -> torch.Tensor:
+        """bool [n units]: which units are active, all tensors end to end."""
+        raise NotImplementedError
+
+    def flat_scores(self) -> torch.Tensor:
+        """float [n units]: magnitude of every unit (|w| or mean |w| of a block); 0 if inactive."""
+        raise NotImplementedError
+
+    def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
+                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
+        """Install flat bool [n units] masks: survivors keep value and optimizer state, all
+        others become zero with zero state (keep_momentum: state is left as it is, if kept)."""
+        raise NotImplementedError
+
+    def nonzero_counts(self) -> list[int]:
+        """Active weights per tensor."""
+        raise NotImplementedError
+
+    # ---- shared -----------------------------------------------------------------------------
+    def reallocate(self, reallocator: Reallocator, step: int, optimizer: torch.optim.Optimizer | None = None,
+                   keep_momentum: bool = False) -> ReallocationResult:
+        """Run one DPR reallocation on these tensors and install its result."""
+        result = reallocator.reallocate(self.flat_scores(), self.flat_mask(), step)
+        self.set_structure(result.survived, result.regrown, optimizer, keep_momentum)
+        return result
+
+    @torch.no_grad()
+    def prune_to_sparsity(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Magnitude pruning: each tensor keeps its initial_keep_count(units, sparsity) strongest
+        active units (gradual magnitude pruning calls this with a rising sparsity)."""
+        scores = self.flat_scores()
+        keys = torch.where(self.flat_mask(), -scores, torch.full_like(scores, float("inf")))
+        counts = torch.tensor([initial_keep_count(n, sparsity) for n in self.segments.sizes], device=keys.device)
+        keep = self.segments.select_smallest(keys, counts)
+        self.set_structure(keep, torch.zeros_like(keep), optimizer)
+
+    def densities(self) -> dict[str, float]:
+        """Fraction of active weights per tensor."""
+        return {n: c / d for n, c, d in zip(self.names, self.nonzero_counts(), self.dense_numels)}
