@@ -21,6 +21,7 @@ tile config; the layout arrives as index tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,7 +39,8 @@ def _configs(block_ms=(64, 128)):
             for bm in block_ms for w, s in ((4, 3), (4, 4), (8, 3), (8, 4))]
 
 
-_KEY = ["M", "H", "W", "C_IN", "C_OUT"]
+# Autotune key: shapes and geometry, never layout contents (triton adds the tensor dtypes).
+_KEY = ["M", "H", "W", "C_IN", "C_OUT", "S", "STRIDE", "PAD", "BN", "BK"]
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _fwd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY + ["R"])
 @triton.jit
 def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
                   M, H, W, P, Q, C_IN, C_OUT,
@@ -176,23 +178,32 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def _geometry(x_shape, y_shape):
-    """Kernel size args ``M``-less: ``H, W, P, Q, C_IN, C_OUT`` from NHWC-ordered shapes."""
+    """Size arguments ``H, W, P, Q, C_IN, C_OUT`` of the kernels from NHWC input / output shapes."""
     (_, h, w, c_in), (_, p, q, c_out) = x_shape, y_shape
     return dict(H=h, W=w, P=p, Q=q, C_IN=c_in, C_OUT=c_out)
 
 
-def _split_count(nnz: int, m_tiles: int, device: torch.device) -> int:
-    """M splits for the weight gradient so that about 4 waves of programs fill the GPU."""
-    if INTERPRET or device.type != "cuda":
-        target = 2  # exercises the split path in tests
-    else:
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not merely the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _split_count(nnz: int, m: int, device: torch.device) -> int:
+    """M splits for the weight gradient: about 4 programs per SM, at least one M tile each."""
+    if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(m_tiles, triton.cdiv(target, max(nnz, 1))))
+    else:
+        target = 8  # interpreter: small, but enough to exercise the split path in tests
+    m_tiles = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _wgrad_kernel.configs))
+    return max(1, min(m_tiles, triton.cdiv(target, nnz)))
 
 
 def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, allow_tf32):
-    """Fill ``y [B, P, Q, C_out]`` (contiguous) from ``x [B, H, W, C_in]`` (contiguous)."""
-    (r, s), (bn, bk) = kernel_size, values.shape[1:]
+    """Fill ``y [B, P, Q, C_out]`` (contiguous) from ``x [B, H, W, C_in]`` (contiguous).
+
+    ``values [nnz, C_out-block, C_in-block]`` with layout ``row_ptr``/``col_idx``; ``bias [C_out]`` or None.
+    """
+    (_, s), (bn, bk) = kernel_size, values.shape[1:]
     geo = _geometry(x.shape, y.shape)
     m = y.shape[0] * geo["P"] * geo["Q"]
     if values.shape[0] == 0 or m == 0:  # no active block or no rows: nothing to launch
@@ -201,37 +212,43 @@ def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, 
             y += bias
         return y
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_OUT"] // bn),)
-    _fwd_kernel[grid](x, values, row_ptr, col_idx, y if bias is None else bias, y, m, **geo,
-                      S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk, HAS_BIAS=bias is not None,
-                      PRECISION=_precision(x.dtype, allow_tf32))
+    with _on(x.device):
+        _fwd_kernel[grid](x, values, row_ptr, col_idx, y if bias is None else bias, y, m, **geo,
+                          S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk, HAS_BIAS=bias is not None,
+                          PRECISION=_precision(x.dtype, allow_tf32))
     return y
 
 
 def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stride, padding, allow_tf32):
-    """Fill ``dx [B, H, W, C_in]`` from ``dy [B, P, Q, C_out]`` (both contiguous)."""
+    """Fill ``dx [B, H, W, C_in]`` from ``dy [B, P, Q, C_out]`` (both contiguous), via the column view."""
     (r, s), (bn, bk) = kernel_size, values.shape[1:]
     geo = _geometry(dx.shape, dy.shape)
     m = dx.shape[0] * geo["H"] * geo["W"]
     if values.shape[0] == 0 or m == 0:
         return dx.zero_()
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_IN"] // bk),)
-    _dgrad_kernel[grid](dy, values, col_ptr, col_row_idx, col_perm, dx, m, **geo,
-                        R=r, S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
-                        PRECISION=_precision(dy.dtype, allow_tf32))
+    with _on(dy.device):
+        _dgrad_kernel[grid](dy, values, col_ptr, col_row_idx, col_perm, dx, m, **geo,
+                            R=r, S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
+                            PRECISION=_precision(dy.dtype, allow_tf32))
     return dx
 
 
 def grad_weight(x, dy, row_idx, col_idx, block, kernel_size, stride, padding, allow_tf32):
-    """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only."""
-    (r, s), (bn, bk) = kernel_size, block
+    """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
+
+    ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; ``row_idx``/``col_idx`` of each packed block.
+    """
+    (_, s), (bn, bk) = kernel_size, block
     nnz = row_idx.shape[0]
     geo = _geometry(x.shape, dy.shape)
     m = dy.shape[0] * geo["P"] * geo["Q"]
     if nnz == 0 or m == 0:
         return x.new_zeros(nnz, bn, bk)
-    splits = _split_count(nnz, triton.cdiv(m, 128), x.device)
+    splits = _split_count(nnz, m, x.device)
     partial = torch.empty(splits, nnz, bn, bk, device=x.device, dtype=torch.float32)
-    _wgrad_kernel[(nnz, splits)](x, dy, row_idx, col_idx, partial, m, **geo,
-                                 S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
-                                 PRECISION=_precision(x.dtype, allow_tf32))
+    with _on(x.device):
+        _wgrad_kernel[(nnz, splits)](x, dy, row_idx, col_idx, partial, m, **geo,
+                                     S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
+                                     PRECISION=_precision(x.dtype, allow_tf32))
     return partial.sum(0).to(x.dtype)

@@ -118,11 +118,13 @@ class BlockLayout:
 
 
 def _ptr(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Compressed pointer ``[n + 1]`` (int32) for sorted group ids ``idx``."""
-    counts = torch.bincount(idx, minlength=n)
-    ptr = torch.zeros(n + 1, dtype=torch.int32, device=idx.device)
-    ptr[1:] = counts.cumsum(0)
-    return ptr
+    """Compressed pointer ``[n + 1]`` (int32) for group ids ``idx`` in ``[0, n)``.
+
+    (index_add rather than bincount, which syncs with the host on CUDA.)
+    """
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
+    counts.index_add_(0, idx + 1, torch.ones_like(idx))
+    return counts.cumsum(0).to(torch.int32)
 
 
 def _check_divides(shape, block, name):

@@ -223,18 +223,31 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _autocast(x: Tensor, values, bias):
+    """Under torch.autocast, cast floating inputs to the autocast dtype (as F.linear / F.conv2d do)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, values, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+    return cast(x), cast(values), cast(bias)
+
+
 def _check_common(x, values, layout, bias, backend, blocks):
-    """Shared checks; returns the resolved backend."""
+    """Shared checks and autocast; returns ``(backend, x, values, bias)``."""
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
     backend = _resolve_backend(backend, x.device)
+    if x.device != layout.device:
+        raise ValueError(f"x: expected device {layout.device} (the layout's), got {x.device}")
+    x, values, bias = _autocast(x, values, bias)
     dtypes = _KERNEL_DTYPES if backend == "triton" else _KERNEL_DTYPES + (torch.float64,)
     if x.dtype not in dtypes:
         raise TypeError(f"x: expected dtype in {[str(d) for d in dtypes]} for backend {backend!r}, got {x.dtype}")
-    if x.device != layout.device:
-        raise ValueError(f"x: expected device {layout.device} (the layout's), got {x.device}")
     layout.check_values(values)
     if values.dtype != x.dtype:
         raise TypeError(f"values: expected dtype {x.dtype} (x's), got {values.dtype}")
@@ -254,7 +267,7 @@ def _check_common(x, values, layout, bias, backend, blocks):
             raise ValueError(f"bias: expected device {x.device} (x's), got {bias.device}")
         if not bias.is_contiguous():
             raise ValueError("bias: expected a contiguous tensor")
-    return backend
+    return backend, x, values, bias
 
 
 def _layout_tensors(layout: BlockLayout):
@@ -274,8 +287,9 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
 
     Returns:
         ``[..., N]`` in ``x``'s dtype (fp32 accumulation). Differentiable in x, values, bias.
+        Under ``torch.autocast`` the inputs are first cast to the autocast dtype.
     """
-    backend = _check_common(x, values, layout, bias, backend, LINEAR_BLOCKS)
+    backend, x, values, bias = _check_common(x, values, layout, bias, backend, LINEAR_BLOCKS)
     n, k = layout.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected last dim K = {k} (layout.shape[1]), got shape {list(x.shape)}")
@@ -328,8 +342,9 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
 
     Returns:
         ``[B, C_out, P, Q]`` channels_last, ``P = (H + 2*padding - R) // stride + 1``.
+        Under ``torch.autocast`` the inputs are first cast to the autocast dtype.
     """
-    backend = _check_common(x, values, layout, bias, backend, CONV_BLOCKS)
+    backend, x, values, bias = _check_common(x, values, layout, bias, backend, CONV_BLOCKS)
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
     if stride not in CONV_STRIDES:
         raise ValueError(f"stride: expected one of {CONV_STRIDES}, got {stride}")
