@@ -137,3 +137,26 @@ def test_layers_the_block_does_not_tile_stay_dense_and_bad_blocks_are_refused():
     assert len(sparsity.layers) == len(names) - 3
     with pytest.raises(ValueError, match="--block-size must be one of"):
         to_block_sparse(WideResNet(10, 1), names, 24, 0.5, seed=0)
+
+
+def test_compiled_block_model_does_not_recompile_at_each_reallocation(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "force_parameter_static_shapes", False)
+    torch._dynamo.reset()
+    counters.clear()
+    _, _, blocked, sparsity = paired_models(sparsity=0.6)
+    opt = sgd(blocked)
+    net = torch.compile(blocked, backend="aot_eager")
+    realloc = Reallocator(sparsity.segments.sizes, DPRConfig(target_pruned=5, initial_threshold=0.05), 0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    graphs = []
+    for step in range(5):
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert sparsity.reallocate(realloc, step, opt).pruned > 0
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] <= 2, f"graphs compiled after each reallocation: {graphs}"
+    assert graphs[-1] == graphs[1], "no recompile once the packed shapes are dynamic"

@@ -105,7 +105,9 @@ class BlockSparsity(SparseStructure):
                       optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
         """Rebuild every layer's packed values, optimizer state and layout for the new masks.
 
-        keep_momentum has no effect here: a pruned block's state is dropped with its values.
+        Each layer gets a new Parameter (the optimizer is updated to hold it), so torch.compile
+        sees a new input rather than a tensor whose shape changed under it. keep_momentum has no
+        effect here: a pruned block's state is dropped with its values.
         """
         for m, keep, new in zip(self.layers, self.segments.split(survived), self.segments.split(survived | regrown)):
             grid = m.layout.grid
@@ -114,14 +116,11 @@ class BlockSparsity(SparseStructure):
             old_index[m.layout.mask.reshape(-1)] = torch.arange(m.layout.nnz, device=keep.device)
             old_index[~keep] = -1
             source = old_index[new]  # new packed order = row-major over the new mask
-            p = m.values
-            state = optimizer.state.get(p, {}) if optimizer is not None else {}
-            for key, value in list(state.items()):
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    state[key] = _gather_blocks(value, source)
-            p.data = _gather_blocks(p.data, source)
-            p.grad = None
+            old = m.values
+            m.values = nn.Parameter(_gather_blocks(old.detach(), source))
             m.layout = BlockLayout(new.view(grid), m.block)
+            if optimizer is not None:
+                _replace_in_optimizer(optimizer, old, m.values, lambda t: _gather_blocks(t, source))
 
     def nonzero_counts(self) -> list[int]:
         return [m.layout.nnz * m.block[0] * m.block[1] for m in self.layers]
@@ -131,8 +130,8 @@ class BlockSparsity(SparseStructure):
         return {n: m.layout.mask.cpu() for n, m in zip(self.names, self.layers)}
 
     def load_state_dict(self, masks: dict[str, torch.Tensor]) -> None:
-        """Install saved block masks with zero values of the matching packed shape; load the
-        model's state_dict afterwards to fill them."""
+        """Install saved block masks with zero values of the matching packed shape (new
+        Parameters: build the optimizer afterwards); load the model's state_dict to fill them."""
         if list(masks) != self.names:
             raise ValueError(f"block mask names do not match the model's block-sparse layers: {list(masks)} vs {self.names}")
         for n, m in zip(self.names, self.layers):
@@ -140,7 +139,16 @@ class BlockSparsity(SparseStructure):
             if mask.shape != m.layout.mask.shape or mask.dtype != torch.bool:
                 raise ValueError(f"block mask of {n} must be bool {tuple(m.layout.mask.shape)}, got {mask.dtype} {tuple(mask.shape)}")
             m.layout = BlockLayout(mask.to(m.values.device), m.block)
-            m.values.data = m.values.new_zeros(m.layout.nnz, *m.block)
+            m.values = nn.Parameter(m.values.new_zeros(m.layout.nnz, *m.block))
+
+
+def _replace_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, remap) -> None:
+    """Make `optimizer` hold `new` where it held `old`; its state tensors shaped like `old` are
+    carried over through `remap` (scalars such as Adam's step are kept as they are)."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, {})
+    optimizer.state[new] = {k: remap(v) if torch.is_tensor(v) and v.shape == old.shape else v for k, v in state.items()}
 
 
 def _gather_blocks(values: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -193,7 +201,8 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a plain dense state_dict into a model with block-sparse layers: each such layer keeps
-    the blocks of its dense weight that hold any non-zero (its layout follows the weight)."""
+    the blocks of its dense weight that hold any non-zero (its layout follows the weight).
+    Layers get new Parameters: build the optimizer afterwards."""
     state = dict(state)
     for name, m in model.named_modules():
         if isinstance(m, BlockSparseConv2d):
@@ -203,6 +212,6 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
                 raise ValueError(f"dense state_dict needs {name}.weight of shape {m.weight_shape}, found {found}")
             matrix = weight_to_matrix(weight.to(m.values.device, m.values.dtype)).contiguous()
             m.layout = BlockLayout.from_dense(matrix, m.block)
-            m.values.data = m.layout.pack(matrix)
-            state[f"{name}.values"] = m.values.data
+            m.values = nn.Parameter(m.layout.pack(matrix))
+            state[f"{name}.values"] = m.values.detach()
     model.load_state_dict(state)
