@@ -8,11 +8,17 @@ reinit / orig-init) and summary.json (written last: its presence means the run i
 All randomness is a function of (--seed, epoch or step): the data order of an epoch, the
 augmentation of a step and the regrowth of a reallocation. A run killed at any point and resumed
 with --resume therefore continues exactly as if it had never stopped.
+
+--seeds 0,1,2,3,4 trains several trials of one configuration (one per seed) together in one
+process, as one stacked model (blockdpr/stacked.py): each trial keeps its own data order,
+augmentation, structure, reallocator, metrics and run directory (--out with a {seed}
+placeholder), and ends with the same results as if run alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -24,21 +30,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic, save_checkpoint
-from .models import WideResNet, parameter_counts, sparse_parameters
-from .sparsity import DPRConfig, ElementSparsity, Reallocator, gmp_pruning_index, gmp_sparsity, initial_keep_count
+from .models import WideResNet, parameter_counts
+from .stacked import (StackedWideResNet, link_grads, load_trial_optimizer_state_dicts, per_trial_cross_entropy,
+                      stacked_input, trial_optimizer, trial_optimizer_state_dict)
+from .sparsity import DPRConfig, ElementSparsity, Reallocator, gmp_pruning_index, gmp_sparsity
 from .sparsity.select import seeded_generator
 
 MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
 # The compressed baseline's fine-tuning schedule (DSR paper): 48 epochs, lr 0 / 0.02 / 0.004 / 0.0008.
 GMP_EPOCHS = 48
 GMP_LR_SCHEDULE = "0:0,1:0.02,25:0.004,35:0.0008"
+# --mode reinit draws its new initial values with seed + REINIT_SEED_OFFSET, so that they differ
+# from those of the DPR run of the same seed (which --mode orig-init uses).
+REINIT_SEED_OFFSET = 1_000_000
+# Settings that may differ between the trials trained together in one process.
+PER_TRIAL = ("seed", "out", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch")
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -60,6 +72,16 @@ def value_at(schedule: list[tuple[int, float]], epoch: int) -> float:
     return [v for e, v in schedule if e <= epoch][-1]
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m blockdpr.train",
@@ -73,17 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "gmp: prune the dense model of --dense-from gradually (Zhu & Gupta) and fine-tune")
     g.add_argument("--granularity", choices=("element",), default="element",
                    help="unit of sparsity (block mode is a separate issue)")
-    g.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<mode>-s<sparsity>-seed<seed>)")
+    g.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/<mode>-s<sparsity>-seed<seed>); with several --seeds it must "
+                        "contain {seed}, e.g. runs/dpr-seed{seed}")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", type=int_list, default=None, metavar="S,S,...",
+                   help="train one trial per seed together in one process (a stacked model; overrides --seed). "
+                        "--out, --structure-from and --dense-from may contain {seed}")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the paper trains in fp32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines are still printed)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps within an epoch (0: at epoch ends only)")
-    g.add_argument("--structure-from", type=Path, default=None, help="finished DPR run directory (reinit, orig-init)")
-    g.add_argument("--dense-from", type=Path, default=None, help="finished dense run directory (gmp)")
+    g.add_argument("--snapshot-epochs", type=int_list, default=[], metavar="E,E,...",
+                   help="also keep the checkpoint taken after epoch E as epochE.pt (a DPR run stopped at E can start "
+                        "from it: python -m blockdpr.reproduce does)")
+    g.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                   help="checkpoint and exit (without summary.json) once this process has run SECONDS; continue "
+                        "later with --resume")
+    g.add_argument("--structure-from", type=Path, default=None,
+                   help="finished DPR run directory (reinit, orig-init); may contain {seed}")
+    g.add_argument("--dense-from", type=Path, default=None, help="finished dense run directory (gmp); may contain {seed}")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, default=None,
@@ -152,11 +186,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("train_subset", "test_subset"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             errors.append(f"--{flag.replace('_', '-')} must be positive")
+    seeds = args.seeds or [args.seed]
+    if len(set(seeds)) != len(seeds):
+        errors.append(f"--seeds must be distinct, got {seeds}")
+    if len(seeds) > 1 and args.out is not None and "{seed}" not in str(args.out):
+        errors.append("--out must contain {seed} when training several --seeds (one run directory per trial)")
     if errors:
         parser.error("; ".join(errors))
-    if args.out is None:
-        args.out = Path("runs") / f"{args.mode}-s{args.sparsity}-seed{args.seed}"
     return args
+
+
+def with_seed(path: Path | None, seed: int) -> Path | None:
+    return None if path is None else Path(str(path).replace("{seed}", str(seed)))
+
+
+def parse_trials(argv: list[str] | None = None) -> list[argparse.Namespace]:
+    """The command line as one settings namespace per trial (one per --seeds entry, or just --seed)."""
+    args = parse_args(argv)
+    trials = []
+    for seed in args.seeds or [args.seed]:
+        trial = copy.copy(args)
+        trial.seed, trial.seeds = seed, None
+        trial.out = with_seed(args.out, seed) or Path("runs") / f"{args.mode}-s{args.sparsity}-seed{seed}"
+        trial.structure_from, trial.dense_from = with_seed(args.structure_from, seed), with_seed(args.dense_from, seed)
+        trials.append(trial)
+    return trials
 
 
 # ---- the run's state -------------------------------------------------------------------------
@@ -226,9 +280,8 @@ def finished_run_file(run_dir: Path, name: str, mode: str) -> Path:
     return path
 
 
-def build_sparsity(args, model: WideResNet) -> ElementSparsity | None:
-    """The initial structure for each mode (None for dense)."""
-    params = sparse_parameters(model)
+def build_sparsity(args, params: dict[str, torch.Tensor]) -> ElementSparsity | None:
+    """The initial structure of one trial for each mode (None for dense); params: its sparse tensors."""
     if args.mode in ("dpr", "static"):
         return ElementSparsity.random(params, args.sparsity, args.seed)
     if args.mode in ("reinit", "orig-init"):
@@ -241,8 +294,18 @@ def build_sparsity(args, model: WideResNet) -> ElementSparsity | None:
     return None
 
 
-def initial_weights(args, model: WideResNet) -> None:
-    """Load the weights a mode starts from (orig-init: the DPR run's initial values; gmp: the trained dense model)."""
+def init_seed(args) -> int:
+    """The seed of a trial's random initial values (reinit: not those of the DPR run of the same seed)."""
+    return args.seed + REINIT_SEED_OFFSET if args.mode == "reinit" else args.seed
+
+
+def initial_state(args) -> dict[str, torch.Tensor]:
+    """A trial's initial weights as a plain WideResNet state dict: random (seeded), or for orig-init the
+    DPR run's initial values, for gmp the trained dense model. A fresh DPR run saves its init_weights.pt."""
+    torch.manual_seed(init_seed(args))
+    model = WideResNet(args.depth, args.width)
+    if args.mode == "dpr" and not args.resume:
+        save_atomic(model.state_dict(), args.out / "init_weights.pt")
     if args.mode == "orig-init":
         model.load_state_dict(torch.load(finished_run_file(args.structure_from, "init_weights.pt", "dpr"), weights_only=True))
     elif args.mode == "gmp":
@@ -251,22 +314,50 @@ def initial_weights(args, model: WideResNet) -> None:
             raise SystemExit(f"--dense-from {args.dense_from} must be a --mode dense WRN-{args.depth}-{args.width} run, "
                              f"found {state['identity']}")
         model.load_state_dict(state["model"])
+    return model.state_dict()
+
+
+def prepare_run_dir(args) -> None:
+    """Refuse to overwrite a run, or to resume one that has no checkpoint."""
+    last_path = args.out / "last.pt"
+    if args.resume and not last_path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {last_path}")
+    if not args.resume and (last_path.is_file() or (args.out / "summary.json").is_file()):
+        raise SystemExit(f"{args.out} already holds a run: pass --resume to continue it, or choose another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class Trial:
+    """One run of a process that may train several: its settings, structure, reallocator and progress."""
+
+    args: argparse.Namespace
+    sparse: dict[str, torch.Tensor]  # its sparse weights (views of the stacked model's parameters)
+    sparsity: ElementSparsity | None
+    reallocator: Reallocator | None
+    state: RunState
+
+    @property
+    def out(self) -> Path:
+        return self.args.out
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def evaluate(net, images: torch.Tensor, labels: torch.Tensor, amp: bool, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean loss and accuracy on uint8 images [N, 32, 32, 3] (one host sync at the end)."""
+def evaluate(net, images: torch.Tensor, labels: torch.Tensor, trials: int, amp: bool,
+             batch_size: int = 1000) -> tuple[list[float], list[float]]:
+    """Each trial's mean loss and accuracy on uint8 images [N, 32, 32, 3] (one host sync at the end)."""
     net.eval()
-    loss_sum = torch.zeros((), device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    loss_sum = torch.zeros(trials, device=images.device)
+    correct = torch.zeros(trials, dtype=torch.int64, device=images.device)
     with torch.no_grad(), torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
         for i in range(0, len(images), batch_size):
-            logits = net(data_lib.normalize(images[i:i + batch_size])).float()
-            y = labels[i:i + batch_size]
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
+            x = data_lib.normalize(images[i:i + batch_size])
+            logits = net(stacked_input([x] * trials))  # every trial sees the same test images
+            y = labels[i:i + batch_size, None].expand(-1, trials)
+            loss_sum += per_trial_cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(2) == y).sum(0)
     net.train()
-    return loss_sum.item() / len(images), correct.item() / len(images)
+    return (loss_sum / len(images)).tolist(), (correct.double() / len(images)).tolist()
 
 
 def make_progress(disable: bool) -> Progress:
@@ -277,161 +368,236 @@ def make_progress(disable: bool) -> Progress:
     )
 
 
+def check_trials(trials_args: list[argparse.Namespace]) -> argparse.Namespace:
+    """The settings shared by all trials (they may differ only in PER_TRIAL); returns the first trial's."""
+    if not trials_args:
+        raise ValueError("no trials to train")
+    shared = {k: v for k, v in vars(trials_args[0]).items() if k not in PER_TRIAL}
+    for a in trials_args[1:]:
+        different = [k for k, v in shared.items() if vars(a).get(k) != v]
+        if different:
+            raise ValueError(f"trials trained together must share all settings but {PER_TRIAL}; these differ: {different}")
+    outs = [a.out for a in trials_args]
+    if len(set(outs)) != len(outs):
+        raise SystemExit(f"each trial needs its own run directory, got {[str(o) for o in outs]}")
+    return trials_args[0]
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run (or resume) one training run; returns its summary."""
+    return train_trials([args])[0]
+
+
+def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
+    """Run (or resume) T >= 1 trials of one configuration together; returns their summaries.
+
+    T = 1 is an ordinary run. With T > 1 the trials form one stacked model (blockdpr/stacked.py)
+    trained by one optimizer; each has its own seed, run directory, structure, reallocator and
+    metrics, and the results equal those of T separate runs up to float rounding.
+    """
+    args = check_trials(trials_args)  # the shared settings
+    T = len(trials_args)
     device = resolve_device(args.device)
-    out: Path = args.out
-    last_path = out / "last.pt"
-    if args.resume and not last_path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {last_path}")
-    if not args.resume and (last_path.is_file() or (out / "summary.json").is_file()):
-        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    for a in trials_args:
+        prepare_run_dir(a)
 
     data = data_lib.load_cifar10(args.data, download=args.download, progress=not args.no_progress)
     data = data.subset(args.train_subset, args.test_subset).to(device)
 
-    torch.manual_seed(args.seed)
-    model = WideResNet(args.depth, args.width).to(device)
+    model = StackedWideResNet(T, args.depth, args.width)
+    model.load_trial_state_dicts([initial_state(a) for a in trials_args])
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    if args.mode == "dpr" and not args.resume:
-        save_atomic(model.state_dict(), out / "init_weights.pt")
-    initial_weights(args, model)
-    sparsity = build_sparsity(args, model)
-    if sparsity is not None:
-        sparsity.apply_()
-    reallocator = (Reallocator(sparsity.segments.sizes, DPRConfig(args.target_pruned, args.tolerance, args.initial_threshold),
-                               args.seed, device) if args.mode == "dpr" else None)
+    trials = []
+    for t, a in enumerate(trials_args):  # views of the parameters: taken after every move of the model
+        sparse = model.trial_sparse_tensors(t)
+        sparsity = build_sparsity(a, sparse)
+        if sparsity is not None:
+            sparsity.apply_()
+        reallocator = (Reallocator(sparsity.segments.sizes, DPRConfig(a.target_pruned, a.tolerance, a.initial_threshold),
+                                   a.seed, device) if a.mode == "dpr" else None)
+        trials.append(Trial(a, sparse, sparsity, reallocator, RunState()))
     optimizer = torch.optim.SGD(model.parameters(), lr=value_at(args.lr_schedule, 0), momentum=args.momentum,
                                 nesterov=args.momentum > 0, weight_decay=args.weight_decay)
     net = torch.compile(model) if args.compile else model
 
-    state = RunState()
     if args.resume:
-        ckpt = load_checkpoint(last_path, expect=identity(args))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if sparsity is not None:
-            sparsity.load_state_dict(ckpt["masks"])
-        if reallocator is not None:
-            reallocator.threshold = ckpt["threshold"]
-        state = RunState(**ckpt["progress"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        keep = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["epoch"] < state.epoch]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
-        console.print(f"resumed {out} at epoch {state.epoch}, step {state.step_in_epoch} of it")
+        ckpts = [load_checkpoint(trial.out / "last.pt", expect=identity(trial.args)) for trial in trials]
+        where = {(c["progress"]["epoch"], c["progress"]["step_in_epoch"], c["progress"]["global_step"]) for c in ckpts}
+        if len(where) > 1:
+            raise SystemExit(f"the trials' checkpoints are at different points {sorted(where)}: resume them separately")
+        model.load_trial_state_dicts([c["model"] for c in ckpts])
+        load_trial_optimizer_state_dicts(model, optimizer, [c["optimizer"] for c in ckpts])
+        for trial, ckpt in zip(trials, ckpts):
+            if trial.sparsity is not None:
+                trial.sparsity.load_state_dict(ckpt["masks"])
+            if trial.reallocator is not None:
+                trial.reallocator.threshold = ckpt["threshold"]
+            trial.state = RunState(**ckpt["progress"])
+            metrics_file = trial.out / "metrics.jsonl"
+            keep = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["epoch"] < trial.state.epoch]
+            metrics_file.write_text("".join(line + "\n" for line in keep))
+            console.print(f"resumed {trial.out} at epoch {trial.state.epoch}, step {trial.state.step_in_epoch} of it")
+        torch.set_rng_state(ckpts[0]["rng"]["torch"])
     else:
-        counts = parameter_counts(model, sparsity.names if sparsity is not None else [], args.sparsity)
-        config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  "command": " ".join([sys.executable, "-m", "blockdpr.train", *sys.argv[1:]]),
-                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  "versions": versions(), "git_commit": git_commit(),
-                  "data": {"description": data.description, "source": data.source, "sha256": data.checksum,
-                           "train_images": len(data.train_images), "test_images": len(data.test_images)},
-                  "parameters": counts}
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (out / "metrics.jsonl").write_text("")
+        for trial in trials:
+            a = trial.args
+            with torch.device("meta"):  # shapes only: no memory, no draw from the global generator
+                plain = WideResNet(a.depth, a.width)
+            counts = parameter_counts(plain, trial.sparsity.names if trial.sparsity is not None else [], a.sparsity)
+            config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                      "init_seed": init_seed(a), "trained_with_seeds": [b.seed for b in trials_args],
+                      "command": " ".join([sys.executable, "-m", "blockdpr.train", *sys.argv[1:]]),
+                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                      "versions": versions(), "git_commit": git_commit(),
+                      "data": {"description": data.description, "source": data.source, "sha256": data.checksum,
+                               "train_images": len(data.train_images), "test_images": len(data.test_images)},
+                      "parameters": counts}
+            (trial.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (trial.out / "metrics.jsonl").write_text("")
 
-    def checkpoint(path: Path) -> None:
+    def checkpoint(t: int, name: str) -> None:
+        trial = trials[t]
         save_checkpoint({
-            "identity": identity(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "masks": sparsity.state_dict() if sparsity is not None else None,
-            "threshold": reallocator.threshold if reallocator is not None else None,
-            "progress": vars(state), "rng": {"torch": torch.get_rng_state()},
-        }, path)
+            "identity": identity(trial.args), "model": model.trial_state_dict(t),
+            "optimizer": trial_optimizer_state_dict(model, optimizer, t),
+            "masks": trial.sparsity.state_dict() if trial.sparsity is not None else None,
+            "threshold": trial.reallocator.threshold if trial.reallocator is not None else None,
+            "progress": vars(trial.state), "rng": {"torch": torch.get_rng_state()},
+        }, trial.out / name)
+
+    def bank_accumulators(loss_sum: torch.Tensor, correct: torch.Tensor, seconds: float, images: int) -> None:
+        """Move the device-side epoch accumulators into each trial's RunState (one host sync)."""
+        for trial, loss, right in zip(trials, loss_sum.tolist(), correct.tolist()):
+            trial.state.loss_sum += loss
+            trial.state.correct += int(right)
+            trial.state.epoch_seconds += seconds
+            trial.state.epoch_images += images
+        loss_sum.zero_(), correct.zero_()
+
+    def out_of_time() -> bool:
+        return args.stop_after is not None and time.perf_counter() - started >= args.stop_after
 
     n_train = len(data.train_images)
     steps_per_epoch = math.ceil(n_train / args.batch_size)
+    progress = trials[0].state  # epoch, step and global step are the same in every trial
     started = time.perf_counter()
     with make_progress(args.no_progress) as bars:
-        run_bar = bars.add_task("run", total=args.epochs, completed=state.epoch, rate="")
-        for epoch in range(state.epoch, args.epochs):
-            if state.step_in_epoch == 0:
-                state.start_epoch(epoch)
+        run_bar = bars.add_task("run", total=args.epochs, completed=progress.epoch, rate="")
+        for epoch in range(progress.epoch, args.epochs):
+            if progress.step_in_epoch == 0:
                 k = gmp_pruning_index(epoch, args.gmp_steps, args.gmp_interval) if args.mode == "gmp" else None
-                if k is not None:
-                    s_k = gmp_sparsity(k, args.sparsity, args.gmp_steps)
-                    sparsity.prune_to([initial_keep_count(p.numel(), s_k) for p in sparsity.params])
+                for t, trial in enumerate(trials):
+                    trial.state.start_epoch(epoch)
+                    if k is not None:
+                        s_k = gmp_sparsity(k, trial.args.sparsity, args.gmp_steps)
+                        trial.sparsity.prune_to_sparsity(s_k, trial_optimizer(model, optimizer, trial.sparse, t))
             lr = value_at(args.lr_schedule, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             period = int(value_at(args.realloc_periods, epoch))
-            reallocating = reallocator is not None and epoch < args.dpr_stop_epoch
-            order = data_lib.epoch_permutation(n_train, args.seed, epoch, device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            epoch_bar = bars.add_task(f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch, completed=state.step_in_epoch, rate="")
+            orders = [data_lib.epoch_permutation(n_train, trial.args.seed, epoch, device) for trial in trials]
+            loss_sum = torch.zeros(T, device=device)  # per trial, summed over the epoch's images
+            correct = torch.zeros(T, dtype=torch.int64, device=device)
+            epoch_bar = bars.add_task(f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch, completed=progress.step_in_epoch, rate="")
             tick = time.perf_counter()
-            images_this_process = 0
-            for step in range(state.step_in_epoch, steps_per_epoch):
-                idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-                x = data_lib.augment(data.train_images[idx], seeded_generator(device, args.seed, state.global_step))
-                y = data.train_labels[idx]
+            images_this_process = 0  # per trial
+            for step in range(progress.step_in_epoch, steps_per_epoch):
+                # Each trial's own batch: its own data order and augmentation, a function of (seed, step).
+                xs, ys = [], []
+                for trial, order in zip(trials, orders):
+                    idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+                    xs.append(data_lib.augment(data.train_images[idx], seeded_generator(device, trial.args.seed, trial.state.global_step)))
+                    ys.append(data.train_labels[idx])
+                y = torch.stack(ys, 1)  # [B, T]
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if sparsity is not None:
-                    sparsity.mask_grads_()
+                    logits = net(stacked_input(xs))  # [B, T, classes]
+                losses = per_trial_cross_entropy(logits, y)  # [T]; the sum's gradient is each trial's own
+                optimizer.zero_grad(set_to_none=False)  # keep the gradient tensors: trials' views of them stay valid
+                losses.sum().backward()
+                link_grads(model, [trial.sparse for trial in trials])
+                for trial in trials:
+                    if trial.sparsity is not None:
+                        trial.sparsity.mask_grads_()
                 optimizer.step()
-                if sparsity is not None:
-                    sparsity.apply_()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                state.seen += len(y)
+                for trial in trials:
+                    if trial.sparsity is not None:
+                        trial.sparsity.apply_()
+                loss_sum += losses.detach() * len(y)
+                correct += (logits.argmax(2) == y).sum(0)
                 images_this_process += len(y)
-                state.global_step += 1
-                state.step_in_epoch = step + 1
-                if reallocating and state.global_step % period == 0:
-                    result = sparsity.reallocate(reallocator, state.global_step, optimizer, args.keep_momentum)
-                    state.moved += result.pruned
-                    state.reallocations += 1
+                for t, trial in enumerate(trials):
+                    trial.state.seen += len(y)
+                    trial.state.global_step += 1
+                    trial.state.step_in_epoch = step + 1
+                    reallocating = trial.reallocator is not None and epoch < trial.args.dpr_stop_epoch
+                    if reallocating and trial.state.global_step % period == 0:
+                        result = trial.sparsity.reallocate(trial.reallocator, trial.state.global_step,
+                                                           trial_optimizer(model, optimizer, trial.sparse, t), args.keep_momentum)
+                        trial.state.moved += result.pruned
+                        trial.state.reallocations += 1
                 elapsed = time.perf_counter() - tick
-                bars.update(epoch_bar, completed=step + 1, rate=f"{images_this_process / max(elapsed, 1e-9):,.0f} img/s")
-                if args.checkpoint_every and state.step_in_epoch % args.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                    state.loss_sum += loss_sum.item()
-                    state.correct += int(correct.item())
-                    loss_sum.zero_(), correct.zero_()
-                    state.epoch_seconds += time.perf_counter() - tick
-                    state.epoch_images += images_this_process
+                bars.update(epoch_bar, completed=step + 1, rate=f"{T * images_this_process / max(elapsed, 1e-9):,.0f} img/s")
+                due = args.checkpoint_every and progress.step_in_epoch % args.checkpoint_every == 0
+                if (due or out_of_time()) and step + 1 < steps_per_epoch:
+                    bank_accumulators(loss_sum, correct, time.perf_counter() - tick, images_this_process)
                     tick, images_this_process = time.perf_counter(), 0
-                    checkpoint(last_path)
+                    for t in range(T):
+                        checkpoint(t, "last.pt")
+                    if out_of_time():
+                        break
             bars.remove_task(epoch_bar)
+            if progress.step_in_epoch < steps_per_epoch:  # stopped by --stop-after within the epoch
+                break
 
             # End of epoch: one sync for the accumulators, evaluation, metrics, checkpoints.
-            state.loss_sum += loss_sum.item()
-            state.correct += int(correct.item())
-            state.epoch_seconds += time.perf_counter() - tick
-            state.epoch_images += images_this_process
-            test_loss, test_acc = evaluate(net, data.test_images, data.test_labels, args.amp)
-            record = {
-                "epoch": epoch, "train_loss": state.loss_sum / state.seen, "train_acc": state.correct / state.seen,
-                "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
-                "threshold": reallocator.threshold if reallocator is not None else None,
-                "weights_moved": state.moved, "reallocations": state.reallocations,
-                "density": sparsity.densities() if sparsity is not None else None,
-                "seconds": state.epoch_seconds, "images_per_s": state.epoch_images / max(state.epoch_seconds, 1e-9),
-            }
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            console.print(
-                f"epoch {epoch + 1:>3}/{args.epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.2%}  "
-                f"test loss {test_loss:.3f} acc {test_acc:.2%}  lr {lr:g}"
-                + (f"  H {record['threshold']:.3g} moved {state.moved}" if reallocator is not None else "")
-                + f"  {record['images_per_s']:,.0f} img/s"
-            )
-            state.seconds += state.epoch_seconds
-            is_best = test_acc > state.best_test_acc
-            state.best_test_acc = max(state.best_test_acc, test_acc)
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            checkpoint(last_path)
-            if is_best:
-                checkpoint(out / "best.pt")
+            bank_accumulators(loss_sum, correct, time.perf_counter() - tick, images_this_process)
+            test_losses, test_accs = evaluate(net, data.test_images, data.test_labels, T, args.amp)
+            for t, trial in enumerate(trials):
+                state = trial.state
+                record = {
+                    "epoch": epoch, "train_loss": state.loss_sum / state.seen, "train_acc": state.correct / state.seen,
+                    "test_loss": test_losses[t], "test_acc": test_accs[t], "lr": lr,
+                    "threshold": trial.reallocator.threshold if trial.reallocator is not None else None,
+                    "weights_moved": state.moved, "reallocations": state.reallocations,
+                    "density": trial.sparsity.densities() if trial.sparsity is not None else None,
+                    "seconds": state.epoch_seconds, "images_per_s": state.epoch_images / max(state.epoch_seconds, 1e-9),
+                    "trials_in_process": T,
+                }
+                with open(trial.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                console.print(
+                    (f"seed {trial.args.seed}  " if T > 1 else "")
+                    + f"epoch {epoch + 1:>3}/{args.epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.2%}  "
+                    f"test loss {test_losses[t]:.3f} acc {test_accs[t]:.2%}  lr {lr:g}"
+                    + (f"  H {record['threshold']:.3g} moved {state.moved}" if trial.reallocator is not None else "")
+                    + f"  {T * record['images_per_s']:,.0f} img/s" + (" (all trials)" if T > 1 else "")
+                )
+                state.seconds += state.epoch_seconds
+                is_best = test_accs[t] > state.best_test_acc
+                state.best_test_acc = max(state.best_test_acc, test_accs[t])
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+                checkpoint(t, "last.pt")
+                if is_best:
+                    checkpoint(t, "best.pt")
+                if state.epoch in args.snapshot_epochs:
+                    checkpoint(t, f"epoch{state.epoch}.pt")
             bars.update(run_bar, completed=epoch + 1)
+            if out_of_time():
+                break
 
+    if progress.epoch < args.epochs:
+        console.print(f"--stop-after {args.stop_after:g}: stopped at epoch {progress.epoch}, step {progress.step_in_epoch} of it; "
+                      "continue with --resume")
+        return [None] * T
+    return [finish(trial, data.description, time.perf_counter() - started) for trial in trials]
+
+
+def finish(trial: Trial, data_description: str, wall_seconds: float) -> dict:
+    """Write a trial's final structure and its summary.json (which marks the run finished)."""
+    args, sparsity, out = trial.args, trial.sparsity, trial.out
     if sparsity is not None:
         save_atomic(sparsity.state_dict(), out / "final_masks.pt")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -442,8 +608,8 @@ def train(args: argparse.Namespace) -> dict:
         "final_test_acc": metrics[-1]["test_acc"], "best_test_acc": max(m["test_acc"] for m in metrics),
         "final_train_loss": metrics[-1]["train_loss"],
         "nonzero_sparse_weights": sum(sparsity.nonzero_counts()) if sparsity is not None else None,
-        "train_seconds": sum(m["seconds"] for m in metrics), "wall_seconds_this_process": time.perf_counter() - started,
-        "data": data.description,
+        "train_seconds": sum(m["seconds"] for m in metrics), "wall_seconds_this_process": wall_seconds,
+        "data": data_description,
     }
     save_atomic_json(summary, out / "summary.json")
     print_summary(summary)
@@ -465,10 +631,13 @@ def print_summary(summary: dict) -> None:
     console.print(table)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> dict | list[dict] | None:
+    """The CLI in-process: the run's summary, or a list of summaries when several --seeds are trained
+    (None for a run that --stop-after stopped before its end)."""
+    trials = parse_trials(argv)
     try:
-        return train(args)
+        summaries = train_trials(trials)
+        return summaries[0] if len(summaries) == 1 else summaries
     except (CheckpointError, data_lib.DataError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None

@@ -1,0 +1,211 @@
+"""python -m blockdpr.reproduce: planning, dependencies, skip and resume, aggregation, figures (CPU, tiny)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockdpr import reproduce
+from blockdpr.reproduce import Run, Schedule, aggregate, collect, fork_stop_run, main, parse_args, plan
+from blockdpr.train import main as train_main
+
+from test_stacked import TINY, assert_runs_match, write_tiny_cifar
+from test_stacked import float64  # noqa: F401 (a fixture, used by name)
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory) -> Path:
+    return write_tiny_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-py")
+
+
+def test_schedule_is_the_paper_at_200_epochs_and_scaled_below():
+    paper = Schedule.scaled_from_paper(200)
+    assert paper.milestones == (60, 120, 160)
+    assert paper.realloc_periods == "0:100,25:200,80:400,140:800"
+    assert paper.dpr_stop == 190
+    assert paper.stop_epochs == (10, 20, 40, 60, 80, 100, 120, 140, 160, 180)
+    assert (paper.gmp_epochs, paper.gmp_steps, paper.gmp_interval) == (48, 20, 2)
+    assert paper.gmp_lr == "0:0,1:0.02,25:0.004,35:0.0008"
+
+    short = Schedule.scaled_from_paper(30)
+    assert short.milestones == (9, 18, 24)
+    assert short.realloc_periods == "0:100,4:200,12:400,21:800"
+    assert short.dpr_stop == 29
+    assert short.stop_epochs == (2, 3, 6, 9, 12, 15, 18, 21, 24, 27)
+    assert short.gmp_epochs == 48, "gmp keeps its own schedule unless --gmp-epochs"
+    assert Schedule.scaled_from_paper(30, gmp_epochs=12).gmp_lr == "0:0,1:0.02,6:0.004,9:0.0008"
+
+
+def test_plan_lists_the_matrix_with_dependencies_in_order(tmp_path):
+    opts = parse_args(["--trials", "2", "--sparsities", "0.9,0.8", "--epochs", "30", "--root", str(tmp_path)])
+    runs = plan(opts)
+    names = [r.out.name for r in runs]
+    assert len(names) == len(set(names)) == 2 + 2 * (2 + 2 + 10 * 2 + 2 + 2 + 2)
+    for s in (0.9, 0.8):
+        for seed in (0, 1):
+            for name in (f"dpr-s{s}-seed{seed}", f"static-s{s}-seed{seed}", f"dpr-stop2-s{s}-seed{seed}",
+                         f"dpr-stop27-s{s}-seed{seed}", f"reinit-s{s}-seed{seed}", f"orig-init-s{s}-seed{seed}",
+                         f"gmp-s{s}-seed{seed}", f"dense-seed{seed}"):
+                assert name in names
+    by_name = {r.out.name: r for r in runs}
+    assert by_name["reinit-s0.8-seed1"].depends == [tmp_path / "dpr-s0.8-seed1"]
+    assert by_name["orig-init-s0.9-seed0"].depends == [tmp_path / "dpr-s0.9-seed0"]
+    assert by_name["gmp-s0.8-seed1"].depends == [tmp_path / "dense-seed1"]
+    assert by_name["dpr-stop6-s0.9-seed1"].depends == [tmp_path / "dpr-s0.9-seed1"], "stop runs continue their DPR run"
+    flags = by_name["dpr-s0.9-seed0"].flags
+    assert flags[flags.index("--dpr-stop-epoch") + 1] == "29"
+    assert flags[flags.index("--snapshot-epochs") + 1] == "2,3,6,9,12,15,18,21,24,27"
+    no_fork = {r.out.name: r for r in plan(parse_args(["--trials", "1", "--epochs", "30", "--no-fork", "--root", str(tmp_path)]))}
+    assert no_fork["dpr-stop6-s0.9-seed0"].depends == [] and "--snapshot-epochs" not in no_fork["dpr-s0.9-seed0"].flags
+    for i, run in enumerate(runs):  # every dependency is planned before the runs that need it
+        assert all(names.index(d.name) < i for d in run.depends)
+    # a subset of conditions brings in what it depends on
+    opts = parse_args(["--trials", "1", "--sparsities", "0.9", "--conditions", "reinit,gmp", "--root", str(tmp_path)])
+    assert sorted(r.out.name for r in plan(opts)) == ["dense-seed0", "dpr-s0.9-seed0", "gmp-s0.9-seed0", "reinit-s0.9-seed0"]
+
+
+def fake_run(root: Path, name: str, **summary) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"seed": 0, "epochs": 30, "data": "CIFAR-10 (JPEG q75)", **summary}))
+    return d
+
+
+def test_aggregation_mean_std_n_and_figures_from_summaries(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, acc in enumerate((0.90, 0.92, 0.94)):
+        fake_run(root, f"dpr-s0.9-seed{seed}", mode="dpr", sparsity=0.9, seed=seed, dpr_stop_epoch=29, final_test_acc=acc)
+        fake_run(root, f"dpr-stop6-s0.9-seed{seed}", mode="dpr", sparsity=0.9, seed=seed, dpr_stop_epoch=6, final_test_acc=acc - 0.01)
+    fake_run(root, "static-s0.9-seed0", mode="static", sparsity=0.9, final_test_acc=0.88)
+    dense = fake_run(root, "dense-seed0", mode="dense", sparsity=0.0, final_test_acc=0.95)
+    gmp = fake_run(root, "gmp-s0.9-seed0", mode="gmp", sparsity=0.9, epochs=48, final_test_acc=0.93)
+    (gmp / "config.json").write_text(json.dumps({"dense_from": str(dense)}))
+
+    rows = {(r["condition"], r["stop_epoch"]): r for r in aggregate(collect([root]))}
+    dpr = rows[("dpr", 29)]
+    assert dpr["n"] == 3 and dpr["mean"] == pytest.approx(92.0) and dpr["std"] == pytest.approx(2.0)
+    assert (dpr["paper_mean"], dpr["paper_std"]) == (93.59, 0.17)
+    assert rows[("stop", 6)]["mean"] == pytest.approx(91.0)
+    assert rows[("static", None)]["n"] == 1 and rows[("static", None)]["std"] is None
+    assert rows[("gmp", None)]["schedule"] == 30, "gmp belongs to the schedule of the dense run it pruned"
+
+    results = tmp_path / "results"
+    assert main(["--aggregate-only", str(root), "--results", str(results)]) == 0
+    table = (results / "figure1.md").read_text()
+    assert "| DPR | 0.9 | 29 | 30 | 92.00 +- 2.00 | 3 | 93.59 +- 0.17 |" in table
+    assert "| static random structure | 0.9 |  | 30 | 88.00 | 1 | 92.04 +- 0.31 |" in table
+    assert "30 + 48 fine-tuning" in table
+    assert (results / "figure1.csv").read_text().startswith("condition,sparsity,stop_epoch")
+    for name in ("figure1a.png", "figure1b.png"):
+        assert (results / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_end_to_end_tiny_matrix_skips_and_resumes(tmp_path, tiny_cifar, monkeypatch):
+    root, results = tmp_path / "runs", tmp_path / "results"
+    argv = ["--data", str(tiny_cifar), "--depth", "10", "--width", "1", "--batch-size", "20", "--train-subset", "60",
+            "--test-subset", "20", "--device", "cpu", "--no-progress", "--epochs", "2", "--gmp-epochs", "2",
+            "--trials", "2", "--sparsities", "0.9", "--stop-epochs", "100", "--root", str(root), "--results", str(results),
+            "--train-args", "--realloc-periods 0:1 --target-pruned 300"]
+    calls = []
+    real = reproduce.train_lib.train_trials
+    monkeypatch.setattr(reproduce.train_lib, "train_trials", lambda trials: calls.append(trials) or real(trials))
+
+    # 1. Cut short: the first process (the dense trials) stops mid-run, checkpointed.
+    assert main([*argv, "--time-limit", "0.01"]) == 3
+    assert [[a.out.name for a in c] for c in calls] == [["dense-seed0", "dense-seed1"]]
+    assert (root / "dense-seed0" / "last.pt").is_file() and not (root / "dense-seed0" / "summary.json").exists()
+
+    # 2. Again: resumes the dense runs, runs everything else in dependency order, writes table and figures.
+    calls.clear()
+    assert main(argv) == 0
+    groups = [sorted(a.out.name for a in c) for c in calls]
+    assert groups[0] == ["dense-seed0", "dense-seed1"] and all(a.resume for a in calls[0])
+    assert groups[1:3] == [["dpr-s0.9-seed0", "dpr-s0.9-seed1"], ["static-s0.9-seed0", "static-s0.9-seed1"]]
+    assert sorted(groups[3:]) == [["dpr-stop1-s0.9-seed0", "dpr-stop1-s0.9-seed1"], ["gmp-s0.9-seed0", "gmp-s0.9-seed1"],
+                                  ["orig-init-s0.9-seed0", "orig-init-s0.9-seed1"], ["reinit-s0.9-seed0", "reinit-s0.9-seed1"]]
+    forked = json.loads((root / "dpr-stop1-s0.9-seed0" / "config.json").read_text())
+    assert forked["forked_from"].endswith("epoch1.pt") and forked["dpr_stop_epoch"] == 1
+    rows = [json.loads(x) for x in (root / "dense-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    stopped = [json.loads(x) for x in (root / "dpr-stop1-s0.9-seed0" / "metrics.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (root / "dpr-s0.9-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert stopped[0]["weights_moved"] > 0 and stopped[1]["weights_moved"] == 0 < full[1]["weights_moved"]
+    reinit = json.loads((root / "reinit-s0.9-seed0" / "config.json").read_text())
+    assert reinit["init_seed"] != 0, "reinit must not reuse the DPR run's initial values"
+    table = (results / "figure1.md").read_text()
+    for label in ("DPR", "final structure + random re-init", "final structure + original init", "static random structure",
+                  "DPR stopped at epoch E", "compressed (gradual pruning)", "dense"):
+        assert f"| {label} |" in table
+    assert "| 2 |" in table  # n = 2 trials
+    for name in ("figure1a.png", "figure1b.png"):
+        assert (results / name).read_bytes()[:8] == PNG_MAGIC
+
+    # 3. Once more: nothing to do.
+    calls.clear()
+    assert main(argv) == 0
+    assert calls == []
+
+    # 4. Only aggregate what is there.
+    (results / "figure1.md").unlink()
+    assert main(["--aggregate-only", str(root), "--results", str(results)]) == 0
+    assert (results / "figure1.md").read_text() == table
+
+    # 5. A run directory that holds another configuration is refused, not skipped.
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        main([*argv[:-2], "--epochs", "3"])
+
+
+def test_benchmark_reports_aggregate_throughput(tmp_path, tiny_cifar):
+    out = tmp_path / "bench.json"
+    main(["--benchmark", "--bench-trials", "1,2", "--bench-images", "40", "--bench-epochs", "1", "--data", str(tiny_cifar),
+          "--depth", "10", "--width", "1", "--batch-size", "20", "--device", "cpu", "--no-progress", "--bench-out", str(out)])
+    results = json.loads(out.read_text())
+    assert [r["trials"] for r in results] == [1, 2]
+    assert all(r["aggregate_images_per_s"] > 0 for r in results)
+    assert results[1]["aggregate_images_per_s"] == pytest.approx(2 * results[1]["per_trial_images_per_s"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsities", "0.9,1.5"], "--sparsities must be in (0, 1)"),
+    (["--conditions", "dpr,foo"], "unknown condition(s) ['foo']"),
+    (["--trials", "0"], "--trials must be >= 1"),
+    (["--epochs", "x"], "invalid int value"),
+])
+def test_bad_flags_are_named(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_aggregate_only_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no finished runs"):
+        main(["--aggregate-only", str(tmp_path), "--results", str(tmp_path / "r")])
+
+
+def test_help_and_dry_run_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "--aggregate-only" in out.stdout and "--trials-per-process" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--dry-run", "--epochs", "30", "--trials", "1",
+                          "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "plan: 31 runs" in out.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_forked_stop_run_equals_one_trained_from_scratch(tmp_path, tiny_cifar, float64):
+    flags = [*TINY, "--data", str(tiny_cifar), "--train-subset", "60", "--test-subset", "20", "--epochs", "3",
+             "--realloc-periods", "0:2", "--target-pruned", "300"]
+    dpr = tmp_path / "dpr"
+    train_main([*flags, "--out", str(dpr), "--snapshot-epochs", "2"])
+    assert (dpr / "epoch2.pt").is_file()
+    stop = Run("stop", 0.9, 0, 2, tmp_path / "forked", [], [dpr])
+    assert fork_stop_run(stop) and stop.status() == "partial"
+    train_main([*flags, "--out", str(stop.out), "--dpr-stop-epoch", "2", "--resume"])
+    train_main([*flags, "--out", str(tmp_path / "scratch"), "--dpr-stop-epoch", "2"])
+    assert_runs_match(stop.out, tmp_path / "scratch")
+    assert not fork_stop_run(stop), "only a new run is forked"
