@@ -61,6 +61,13 @@ class Distributed:
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)
 
+    @torch.no_grad()
+    def broadcast_buffers_(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BN running statistics, which each rank updates from its own share)."""
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+
     def sum_(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks, in place (for epoch accumulators)."""
         if self.enabled:

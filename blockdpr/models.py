@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sparsity.blocks import block_grid
+from .sparsity.structure import initial_keep_count
+
 
 class BasicBlock(nn.Module):
     """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, plus the shortcut."""
@@ -96,13 +99,22 @@ def sparse_parameters(model: WideResNet) -> dict[str, nn.Parameter]:
     }
 
 
-def parameter_counts(model: nn.Module, sparse_names, sparsity: float) -> dict[str, float]:
+def parameter_counts(model: nn.Module, sparse_names, sparsity: float, block: tuple[int, int] | None = None) -> dict[str, float]:
     """Counts of all parameters and of the sparse ones, and the global sparsity that `sparsity`
-    (of the sparse tensors) amounts to. Uses the same rounding as the initial structure."""
-    sparse = {n: p.numel() for n, p in model.named_parameters() if n in set(sparse_names)}
+    (of the sparse tensors) amounts to. Uses the same rounding as the initial structure, in
+    elements or, with `block`, in blocks (a tensor the block does not tile counts as dense)."""
+    sparse = {n: p for n, p in model.named_parameters() if n in set(sparse_names)}
     total = sum(p.numel() for p in model.parameters())
-    kept = sum(int((1 - sparsity) * n + 0.1) for n in sparse.values())
-    sparse_total = sum(sparse.values())
+    kept = 0
+    for p in sparse.values():
+        grid = block_grid(p.shape, block) if block is not None else None
+        if block is None:
+            kept += initial_keep_count(p.numel(), sparsity)
+        elif grid is None:
+            kept += p.numel()
+        else:
+            kept += initial_keep_count(grid[0] * grid[1], sparsity) * block[0] * block[1]
+    sparse_total = sum(p.numel() for p in sparse.values())
     nonzero = total - sparse_total + kept
     return {
         "total_parameters": total,

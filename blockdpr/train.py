@@ -34,12 +34,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from blockdpr_kernels import CONV_BLOCKS
+
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic, save_checkpoint
+from .distributed import Distributed
 from .models import WideResNet, parameter_counts
 from .stacked import (StackedWideResNet, link_grads, load_trial_optimizer_state_dicts, per_trial_cross_entropy,
                       stacked_input, trial_optimizer, trial_optimizer_state_dict)
-from .sparsity import DPRConfig, ElementSparsity, Reallocator, gmp_pruning_index, gmp_sparsity
+from .sparsity import DPRConfig, ElementSparsity, Reallocator, SparseStructure, gmp_pruning_index, gmp_sparsity
+from .sparsity.blocks import block_grid
+from .sparsity.packed import dense_state_dict, to_block_sparse
 from .sparsity.select import seeded_generator
 
 MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
@@ -93,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dpr: dynamic reallocation; static: fixed random structure; reinit / orig-init: the final "
                         "structure of --structure-from with new random / its original initial values; dense; "
                         "gmp: prune the dense model of --dense-from gradually (Zhu & Gupta) and fine-tune")
-    g.add_argument("--granularity", choices=("element",), default="element",
-                   help="unit of sparsity (block mode is a separate issue)")
+    g.add_argument("--granularity", choices=("element", "block"), default="element",
+                   help="element: dense tensors with element masks (the paper); block: reallocate whole "
+                        "(block x block) blocks, stored packed and run on the blockdpr_kernels Triton kernels")
+    g.add_argument("--block-size", type=int, default=32, help="block mode: blocks of block-size x block-size weights "
+                   f"(one of {CONV_BLOCKS}); a conv whose channels it does not divide stays dense (reported)")
     g.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<mode>-s<sparsity>-seed<seed>); with several --seeds it must "
                         "contain {seed}, e.g. runs/dpr-seed{seed}")
@@ -145,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sparsity and DPR (paper defaults)")
     g.add_argument("--sparsity", type=float, default=0.9, help="sparsity of the sparse tensors (the 3x3 convs of the residual blocks)")
-    g.add_argument("--target-pruned", type=int, default=20_000, help="N_p: target weights pruned per reallocation")
+    g.add_argument("--target-pruned", type=int, default=None,
+                   help="N_p: target units pruned per reallocation (default 20,000 weights: 20,000 in element mode, "
+                        "round(20,000 / block-size^2) blocks in block mode)")
     g.add_argument("--tolerance", type=float, default=0.1, help="delta: H adapts when pruned count leaves N_p (1 +- delta)")
     g.add_argument("--initial-threshold", type=float, default=0.001, help="H at the start")
     g.add_argument("--realloc-periods", type=lambda s: piecewise(s, int), default="0:100,25:200,80:400,140:800",
@@ -170,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             piecewise(GMP_LR_SCHEDULE) if args.mode == "gmp"
             else [(0, args.lr)] + [(m, args.lr * args.lr_gamma ** (i + 1)) for i, m in enumerate(sorted(args.lr_milestones))]
         )
+    if args.target_pruned is None:
+        args.target_pruned = 20_000 if args.granularity == "element" else max(1, round(20_000 / args.block_size**2))
     errors = []
     if not 0 < args.sparsity < 1:
         errors.append(f"--sparsity must be in (0, 1), got {args.sparsity}")
@@ -189,6 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seeds = args.seeds or [args.seed]
     if len(set(seeds)) != len(seeds):
         errors.append(f"--seeds must be distinct, got {seeds}")
+    if args.granularity == "block":
+        if args.block_size not in CONV_BLOCKS:
+            errors.append(f"--block-size must be one of {CONV_BLOCKS}, got {args.block_size}")
+        if len(seeds) > 1:
+            errors.append("--granularity block trains one trial per process (packed layers cannot be stacked): "
+                          "give one --seed")
+        if args.keep_momentum:
+            errors.append("--keep-momentum has no meaning in block mode: a pruned block's state is dropped with it")
     if len(seeds) > 1 and args.out is not None and "{seed}" not in str(args.out):
         errors.append("--out must contain {seed} when training several --seeds (one run directory per trial)")
     if errors:
@@ -239,14 +259,17 @@ class RunState:
 
 def identity(args: argparse.Namespace) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
-    keys = ("granularity", "mode", "depth", "width", "sparsity", "seed", "batch_size", "epochs", "train_subset")
+    keys = ("granularity", "block_size", "mode", "depth", "width", "sparsity", "seed", "batch_size", "epochs", "train_subset")
     return {k: getattr(args, k) for k in keys}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device; under torchrun each rank takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
@@ -280,18 +303,29 @@ def finished_run_file(run_dir: Path, name: str, mode: str) -> Path:
     return path
 
 
-def build_sparsity(args, params: dict[str, torch.Tensor]) -> ElementSparsity | None:
-    """The initial structure of one trial for each mode (None for dense); params: its sparse tensors."""
-    if args.mode in ("dpr", "static"):
-        return ElementSparsity.random(params, args.sparsity, args.seed)
+def build_sparsity(args, params: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[SparseStructure | None, list[str]]:
+    """The initial structure of one trial for each mode (None for dense); params: its sparse tensors.
+
+    Block mode converts those convs of `model` to packed block-sparse layers (in place); the second
+    value names the sparse convs that the block does not tile, which stay dense.
+    """
+    if args.mode == "dense":
+        return None, []
+    masks = None
     if args.mode in ("reinit", "orig-init"):
         masks = torch.load(finished_run_file(args.structure_from, "final_masks.pt", "dpr"), weights_only=True)
-        sparsity = ElementSparsity(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+    if args.granularity == "block":
+        if args.mode == "gmp":  # start from every block of the dense model
+            block = (args.block_size, args.block_size)
+            masks = {n: torch.ones(block_grid(p.shape, block), dtype=torch.bool) for n, p in params.items()
+                     if block_grid(p.shape, block) is not None}
+        return to_block_sparse(model, list(params), args.block_size, args.sparsity, args.seed, masks)
+    if args.mode in ("dpr", "static"):
+        return ElementSparsity.random(params, args.sparsity, args.seed), []
+    sparsity = ElementSparsity(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+    if masks is not None:
         sparsity.load_state_dict(masks)
-        return sparsity
-    if args.mode == "gmp":
-        return ElementSparsity(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
-    return None
+    return sparsity, []
 
 
 def init_seed(args) -> int:
@@ -299,12 +333,13 @@ def init_seed(args) -> int:
     return args.seed + REINIT_SEED_OFFSET if args.mode == "reinit" else args.seed
 
 
-def initial_state(args) -> dict[str, torch.Tensor]:
+def initial_state(args, save: bool = True) -> dict[str, torch.Tensor]:
     """A trial's initial weights as a plain WideResNet state dict: random (seeded), or for orig-init the
-    DPR run's initial values, for gmp the trained dense model. A fresh DPR run saves its init_weights.pt."""
+    DPR run's initial values, for gmp the trained dense model. A fresh DPR run saves its init_weights.pt
+    (if `save`: data-parallel ranks other than 0 write nothing)."""
     torch.manual_seed(init_seed(args))
     model = WideResNet(args.depth, args.width)
-    if args.mode == "dpr" and not args.resume:
+    if args.mode == "dpr" and not args.resume and save:
         save_atomic(model.state_dict(), args.out / "init_weights.pt")
     if args.mode == "orig-init":
         model.load_state_dict(torch.load(finished_run_file(args.structure_from, "init_weights.pt", "dpr"), weights_only=True))
@@ -333,9 +368,10 @@ class Trial:
 
     args: argparse.Namespace
     sparse: dict[str, torch.Tensor]  # its sparse weights (views of the stacked model's parameters)
-    sparsity: ElementSparsity | None
+    sparsity: SparseStructure | None
     reallocator: Reallocator | None
     state: RunState
+    dense_layers: list[str]  # block mode: sparse convs the block does not tile, kept dense
 
     @property
     def out(self) -> Path:
@@ -397,15 +433,17 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
     """
     args = check_trials(trials_args)  # the shared settings
     T = len(trials_args)
-    device = resolve_device(args.device)
-    for a in trials_args:
-        prepare_run_dir(a)
+    dist = Distributed.from_env(resolve_device(args.device).type)  # one rank of 1 without torchrun
+    device = resolve_device(args.device, dist.local_rank)
+    if dist.is_main:
+        for a in trials_args:
+            prepare_run_dir(a)
 
     data = data_lib.load_cifar10(args.data, download=args.download, progress=not args.no_progress)
     data = data.subset(args.train_subset, args.test_subset).to(device)
 
     model = StackedWideResNet(T, args.depth, args.width)
-    model.load_trial_state_dicts([initial_state(a) for a in trials_args])
+    model.load_trial_state_dicts([initial_state(a, save=dist.is_main) for a in trials_args])
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -413,42 +451,55 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
     trials = []
     for t, a in enumerate(trials_args):  # views of the parameters: taken after every move of the model
         sparse = model.trial_sparse_tensors(t)
-        sparsity = build_sparsity(a, sparse)
+        sparsity, dense_layers = build_sparsity(a, sparse, model)
         if sparsity is not None:
             sparsity.apply_()
+        if dense_layers and dist.is_main:
+            console.print(f"block size {a.block_size} does not tile {len(dense_layers)} sparse conv(s), kept dense: "
+                          + ", ".join(dense_layers))
         reallocator = (Reallocator(sparsity.segments.sizes, DPRConfig(a.target_pruned, a.tolerance, a.initial_threshold),
                                    a.seed, device) if a.mode == "dpr" else None)
-        trials.append(Trial(a, sparse, sparsity, reallocator, RunState()))
+        trials.append(Trial(a, sparse, sparsity, reallocator, RunState(), dense_layers))
+
+    ckpts = [load_checkpoint(trial.out / "last.pt", expect=identity(trial.args)) for trial in trials] if args.resume else []
+    for trial, ckpt in zip(trials, ckpts):  # structure first: block mode's packed parameters take its shapes
+        if trial.sparsity is not None:
+            trial.sparsity.load_state_dict(ckpt["masks"])
     optimizer = torch.optim.SGD(model.parameters(), lr=value_at(args.lr_schedule, 0), momentum=args.momentum,
                                 nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+    if args.compile and args.granularity == "block":
+        # Packed parameters change shape at every reallocation: let dynamo make that dimension
+        # dynamic (one recompile) instead of specialising on each shape.
+        torch._dynamo.config.force_parameter_static_shapes = False
     net = torch.compile(model) if args.compile else model
 
     if args.resume:
-        ckpts = [load_checkpoint(trial.out / "last.pt", expect=identity(trial.args)) for trial in trials]
         where = {(c["progress"]["epoch"], c["progress"]["step_in_epoch"], c["progress"]["global_step"]) for c in ckpts}
         if len(where) > 1:
             raise SystemExit(f"the trials' checkpoints are at different points {sorted(where)}: resume them separately")
         model.load_trial_state_dicts([c["model"] for c in ckpts])
         load_trial_optimizer_state_dicts(model, optimizer, [c["optimizer"] for c in ckpts])
         for trial, ckpt in zip(trials, ckpts):
-            if trial.sparsity is not None:
-                trial.sparsity.load_state_dict(ckpt["masks"])
             if trial.reallocator is not None:
                 trial.reallocator.threshold = ckpt["threshold"]
             trial.state = RunState(**ckpt["progress"])
-            metrics_file = trial.out / "metrics.jsonl"
-            keep = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["epoch"] < trial.state.epoch]
-            metrics_file.write_text("".join(line + "\n" for line in keep))
-            console.print(f"resumed {trial.out} at epoch {trial.state.epoch}, step {trial.state.step_in_epoch} of it")
+            if dist.is_main:
+                metrics_file = trial.out / "metrics.jsonl"
+                keep = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["epoch"] < trial.state.epoch]
+                metrics_file.write_text("".join(line + "\n" for line in keep))
+                console.print(f"resumed {trial.out} at epoch {trial.state.epoch}, step {trial.state.step_in_epoch} of it")
         torch.set_rng_state(ckpts[0]["rng"]["torch"])
-    else:
+    elif dist.is_main:
         for trial in trials:
             a = trial.args
             with torch.device("meta"):  # shapes only: no memory, no draw from the global generator
                 plain = WideResNet(a.depth, a.width)
-            counts = parameter_counts(plain, trial.sparsity.names if trial.sparsity is not None else [], a.sparsity)
+            sparse_names = trial.sparsity.names + trial.dense_layers if trial.sparsity is not None else []
+            counts = parameter_counts(plain, sparse_names, a.sparsity,
+                                      (a.block_size, a.block_size) if a.granularity == "block" else None)
             config = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                       "init_seed": init_seed(a), "trained_with_seeds": [b.seed for b in trials_args],
+                      "layers_kept_dense": trial.dense_layers, "world_size": dist.world_size,
                       "command": " ".join([sys.executable, "-m", "blockdpr.train", *sys.argv[1:]]),
                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                       "versions": versions(), "git_commit": git_commit(),
@@ -459,6 +510,8 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
             (trial.out / "metrics.jsonl").write_text("")
 
     def checkpoint(t: int, name: str) -> None:
+        if not dist.is_main:
+            return
         trial = trials[t]
         save_checkpoint({
             "identity": identity(trial.args), "model": model.trial_state_dict(t),
@@ -469,7 +522,8 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
         }, trial.out / name)
 
     def bank_accumulators(loss_sum: torch.Tensor, correct: torch.Tensor, seconds: float, images: int) -> None:
-        """Move the device-side epoch accumulators into each trial's RunState (one host sync)."""
+        """Move the device-side epoch accumulators, summed over ranks, into each trial's RunState (one host sync)."""
+        dist.sum_(loss_sum), dist.sum_(correct)
         for trial, loss, right in zip(trials, loss_sum.tolist(), correct.tolist()):
             trial.state.loss_sum += loss
             trial.state.correct += int(right)
@@ -507,16 +561,20 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
             for step in range(progress.step_in_epoch, steps_per_epoch):
                 # Each trial's own batch: its own data order and augmentation, a function of (seed, step).
                 xs, ys = [], []
+                # Data parallel: every rank draws the whole batch the same way and trains on its share.
                 for trial, order in zip(trials, orders):
                     idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-                    xs.append(data_lib.augment(data.train_images[idx], seeded_generator(device, trial.args.seed, trial.state.global_step)))
-                    ys.append(data.train_labels[idx])
-                y = torch.stack(ys, 1)  # [B, T]
+                    x = data_lib.augment(data.train_images[idx], seeded_generator(device, trial.args.seed, trial.state.global_step))
+                    xs.append(dist.shard(x))
+                    ys.append(dist.shard(data.train_labels[idx]))
+                batch = len(idx)  # images per trial in this step, over all ranks
+                y = torch.stack(ys, 1)  # [B_rank, T]
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                     logits = net(stacked_input(xs))  # [B, T, classes]
                 losses = per_trial_cross_entropy(logits, y)  # [T]; the sum's gradient is each trial's own
                 optimizer.zero_grad(set_to_none=False)  # keep the gradient tensors: trials' views of them stay valid
                 losses.sum().backward()
+                dist.average_gradients_(list(model.parameters()))
                 link_grads(model, [trial.sparse for trial in trials])
                 for trial in trials:
                     if trial.sparsity is not None:
@@ -527,9 +585,9 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
                         trial.sparsity.apply_()
                 loss_sum += losses.detach() * len(y)
                 correct += (logits.argmax(2) == y).sum(0)
-                images_this_process += len(y)
+                images_this_process += batch
                 for t, trial in enumerate(trials):
-                    trial.state.seen += len(y)
+                    trial.state.seen += batch
                     trial.state.global_step += 1
                     trial.state.step_in_epoch = step + 1
                     reallocating = trial.reallocator is not None and epoch < trial.args.dpr_stop_epoch
@@ -538,6 +596,7 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
                                                            trial_optimizer(model, optimizer, trial.sparse, t), args.keep_momentum)
                         trial.state.moved += result.pruned
                         trial.state.reallocations += 1
+                        dist.check_replicas([trial.sparsity.flat_mask()], "sparse structures")
                 elapsed = time.perf_counter() - tick
                 bars.update(epoch_bar, completed=step + 1, rate=f"{T * images_this_process / max(elapsed, 1e-9):,.0f} img/s")
                 due = args.checkpoint_every and progress.step_in_epoch % args.checkpoint_every == 0
@@ -554,6 +613,7 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
 
             # End of epoch: one sync for the accumulators, evaluation, metrics, checkpoints.
             bank_accumulators(loss_sum, correct, time.perf_counter() - tick, images_this_process)
+            dist.broadcast_buffers_(model)  # BN statistics of rank 0, so every rank evaluates the same model
             test_losses, test_accs = evaluate(net, data.test_images, data.test_labels, T, args.amp)
             for t, trial in enumerate(trials):
                 state = trial.state
@@ -566,15 +626,16 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
                     "seconds": state.epoch_seconds, "images_per_s": state.epoch_images / max(state.epoch_seconds, 1e-9),
                     "trials_in_process": T,
                 }
-                with open(trial.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                console.print(
-                    (f"seed {trial.args.seed}  " if T > 1 else "")
-                    + f"epoch {epoch + 1:>3}/{args.epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.2%}  "
-                    f"test loss {test_losses[t]:.3f} acc {test_accs[t]:.2%}  lr {lr:g}"
-                    + (f"  H {record['threshold']:.3g} moved {state.moved}" if trial.reallocator is not None else "")
-                    + f"  {T * record['images_per_s']:,.0f} img/s" + (" (all trials)" if T > 1 else "")
-                )
+                if dist.is_main:
+                    with open(trial.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    console.print(
+                        (f"seed {trial.args.seed}  " if T > 1 else "")
+                        + f"epoch {epoch + 1:>3}/{args.epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.2%}  "
+                        f"test loss {test_losses[t]:.3f} acc {test_accs[t]:.2%}  lr {lr:g}"
+                        + (f"  H {record['threshold']:.3g} moved {state.moved}" if trial.reallocator is not None else "")
+                        + f"  {T * record['images_per_s']:,.0f} img/s" + (" (all trials)" if T > 1 else "")
+                    )
                 state.seconds += state.epoch_seconds
                 is_best = test_accs[t] > state.best_test_acc
                 state.best_test_acc = max(state.best_test_acc, test_accs[t])
@@ -588,18 +649,26 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
             if out_of_time():
                 break
 
+    dist.check_replicas(list(model.parameters()), "parameters")
     if progress.epoch < args.epochs:
         console.print(f"--stop-after {args.stop_after:g}: stopped at epoch {progress.epoch}, step {progress.step_in_epoch} of it; "
                       "continue with --resume")
+        dist.close()
         return [None] * T
-    return [finish(trial, data.description, time.perf_counter() - started) for trial in trials]
+    summaries = [finish(trial, model, data.description, time.perf_counter() - started) for trial in trials] \
+        if dist.is_main else [None] * T
+    dist.close()
+    return summaries
 
 
-def finish(trial: Trial, data_description: str, wall_seconds: float) -> dict:
-    """Write a trial's final structure and its summary.json (which marks the run finished)."""
+def finish(trial: Trial, model: StackedWideResNet, data_description: str, wall_seconds: float) -> dict:
+    """Write a trial's final structure and its summary.json (which marks the run finished); block
+    mode also exports the final weights as a plain dense state_dict (final_dense.pt)."""
     args, sparsity, out = trial.args, trial.sparsity, trial.out
     if sparsity is not None:
         save_atomic(sparsity.state_dict(), out / "final_masks.pt")
+    if args.granularity == "block":
+        save_atomic(dense_state_dict(model), out / "final_dense.pt")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = {
         "mode": args.mode, "granularity": args.granularity, "sparsity": args.sparsity if sparsity is not None else 0.0,

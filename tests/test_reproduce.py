@@ -11,16 +11,10 @@ from blockdpr import reproduce
 from blockdpr.reproduce import Run, Schedule, aggregate, collect, fork_stop_run, main, parse_args, plan
 from blockdpr.train import main as train_main
 
-from test_stacked import TINY, assert_runs_match, write_tiny_cifar
-from test_stacked import float64  # noqa: F401 (a fixture, used by name)
+from tiny import TINY, assert_runs_match
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory) -> Path:
-    return write_tiny_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-py")
 
 
 def test_schedule_is_the_paper_at_200_epochs_and_scaled_below():

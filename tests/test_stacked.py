@@ -1,10 +1,7 @@
 """Concurrent trials: T trials as one stacked WRN equal T separate runs (CPU, tiny model)."""
 
 import json
-import pickle
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,32 +10,7 @@ from blockdpr.models import WideResNet
 from blockdpr.stacked import (StackedWideResNet, load_trial_optimizer_state_dicts, per_trial_cross_entropy,
                               stacked_input, trial_optimizer_state_dict)
 from blockdpr.train import main, parse_trials, train_trials
-
-TINY = ["--depth", "10", "--width", "1", "--batch-size", "20", "--no-progress", "--device", "cpu"]
-
-
-def write_tiny_cifar(root: Path, n_train: int = 40, n_test: int = 60) -> Path:
-    """cifar-10-batches-py with 5 x n_train training and n_test test images whose class shows in colour."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(n, offset):
-        labels = [(i + offset) % 10 for i in range(n)]
-        data = rng.integers(0, 60, size=(n, 3, 32, 32), dtype=np.uint8)
-        for i, y in enumerate(labels):
-            data[i, y % 3] += np.uint8(20 * y)
-        return {b"data": data.reshape(n, 3072), b"labels": labels}
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train, i), protocol=4))
-    (root / "test_batch").write_bytes(pickle.dumps(batch(n_test, 0), protocol=4))
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory) -> Path:
-    return write_tiny_cifar(tmp_path_factory.mktemp("data") / "cifar-10-batches-py")
-
+from tiny import TINY, assert_runs_match, metric_rows
 
 def plain_models(seeds, depth=10, width=1):
     out = []
@@ -89,44 +61,6 @@ def test_trial_state_and_optimizer_state_round_trip():
         assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[p]["momentum_buffer"])
 
 
-def rows(out: Path) -> list[dict]:
-    result = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for r in result:
-        for k in ("seconds", "images_per_s", "trials_in_process"):
-            r.pop(k)
-    return result
-
-
-def assert_runs_match(a: Path, b: Path) -> None:
-    ra, rb = rows(a), rows(b)
-    assert len(ra) == len(rb)
-    for x, y in zip(ra, rb):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], float):
-                assert x[k] == pytest.approx(y[k], rel=1e-9, abs=1e-9), k
-            else:
-                assert x[k] == y[k], k
-    ca, cb = (torch.load(d / "last.pt", weights_only=True) for d in (a, b))
-    for k in ca["model"]:
-        torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-9, atol=1e-9, msg=k)
-    if ca["masks"] is not None:
-        assert all(torch.equal(ca["masks"][k], cb["masks"][k]) for k in ca["masks"])
-    for i, s in ca["optimizer"]["state"].items():
-        torch.testing.assert_close(s["momentum_buffer"], cb["optimizer"]["state"][i]["momentum_buffer"], rtol=1e-9, atol=1e-9)
-    assert ca["threshold"] == cb["threshold"]
-
-
-@pytest.fixture
-def float64():
-    """Train in float64: a grouped conv sums in another order than T plain convs, and in float32 that
-    difference (~1e-7) can flip which weight falls below the threshold H; in float64 it cannot."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def test_stacked_trials_equal_separate_runs_with_reallocations(tmp_path, tiny_cifar, float64):
     flags = [*TINY, "--data", str(tiny_cifar), "--train-subset", "60", "--test-subset", "20", "--epochs", "2",
              "--realloc-periods", "0:2", "--target-pruned", "300"]
@@ -135,11 +69,11 @@ def test_stacked_trials_equal_separate_runs_with_reallocations(tmp_path, tiny_ci
     for seed in (0, 1):
         main([*flags, "--seed", str(seed), "--out", str(tmp_path / f"alone-seed{seed}")])
         group, alone = tmp_path / f"group-seed{seed}", tmp_path / f"alone-seed{seed}"
-        assert rows(alone)[-1]["weights_moved"] > 0, "the test must include reallocations"
+        assert metric_rows(alone)[-1]["weights_moved"] > 0, "the test must include reallocations"
         assert_runs_match(group, alone)
         config = json.loads((group / "config.json").read_text())
         assert config["seed"] == seed and config["trained_with_seeds"] == [0, 1]
-    assert rows(tmp_path / "group-seed0") != rows(tmp_path / "group-seed1"), "trials must differ"
+    assert metric_rows(tmp_path / "group-seed0") != metric_rows(tmp_path / "group-seed1"), "trials must differ"
 
 
 def test_trials_of_one_process_may_differ_in_sparsity_and_stop_epoch(tmp_path, tiny_cifar, float64):
@@ -152,8 +86,8 @@ def test_trials_of_one_process_may_differ_in_sparsity_and_stop_epoch(tmp_path, t
     for i, f in enumerate(own):
         main([*flags, *f, "--out", str(tmp_path / f"alone{i}")])
         assert_runs_match(tmp_path / f"group{i}", tmp_path / f"alone{i}")
-    assert [r["weights_moved"] > 0 for r in rows(tmp_path / "group0")] == [True, False]
-    assert all(r["weights_moved"] > 0 for r in rows(tmp_path / "group1"))
+    assert [r["weights_moved"] > 0 for r in metric_rows(tmp_path / "group0")] == [True, False]
+    assert all(r["weights_moved"] > 0 for r in metric_rows(tmp_path / "group1"))
     mismatched = parse_trials([*flags, "--seed", "1", "--lr", "0.05", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="these differ"):
         train_trials([trials[0], *mismatched])

@@ -2,55 +2,24 @@
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from blockdpr.sparsity import initial_keep_count
 from blockdpr.train import main
+from tiny import TINY, metric_rows
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--depth", "10", "--width", "1", "--batch-size", "20", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory) -> Path:
-    """cifar-10-batches-py with 5 x 40 training and 60 test images whose class is readable from colour."""
-    root = tmp_path_factory.mktemp("data") / "cifar-10-batches-py"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-
-    def batch(n, offset):
-        labels = [(i + offset) % 10 for i in range(n)]
-        data = rng.integers(0, 60, size=(n, 3, 32, 32), dtype=np.uint8)
-        for i, y in enumerate(labels):
-            data[i, y % 3] += np.uint8(20 * y)
-        return {b"data": data.reshape(n, 3072), b"labels": labels}
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(40, i), protocol=4))
-    (root / "test_batch").write_bytes(pickle.dumps(batch(60, 0), protocol=4))
-    return root
-
-
 def run(tmp_path: Path, name: str, *flags: str) -> tuple[Path, dict]:
     out = tmp_path / name
     summary = main([*TINY, "--out", str(out), *flags])
     return out, summary
-
-
-def metrics(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:  # wall-clock fields differ between runs
-        row.pop("seconds"), row.pop("images_per_s")
-    return rows
 
 
 def test_help_lists_the_flags():
@@ -79,7 +48,7 @@ def test_all_modes_run_and_depend_on_each_other(tmp_path, tiny_cifar):
     config = json.loads((dpr / "config.json").read_text())
     assert config["data"]["description"] == "CIFAR-10 (official python batches)"
     assert config["parameters"]["sparse_tensor_sparsity"] == pytest.approx(0.9, abs=1e-3)
-    rows = metrics(dpr)
+    rows = metric_rows(dpr)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(r["weights_moved"] > 0 for r in rows), "DPR must move weights"
     masks = torch.load(dpr / "final_masks.pt", weights_only=True)
@@ -87,7 +56,7 @@ def test_all_modes_run_and_depend_on_each_other(tmp_path, tiny_cifar):
     assert s["nonzero_sparse_weights"] == sum(initial_keep_count(n, 0.9) for n in model_sizes)
 
     static, _ = run(tmp_path, "static", *data)
-    assert all(r["weights_moved"] == 0 for r in metrics(static))
+    assert all(r["weights_moved"] == 0 for r in metric_rows(static))
     for mode in ("reinit", "orig-init"):
         out, _ = run(tmp_path, mode, *data, "--mode", mode, "--structure-from", str(dpr))
         final = torch.load(out / "final_masks.pt", weights_only=True)
@@ -98,7 +67,7 @@ def test_all_modes_run_and_depend_on_each_other(tmp_path, tiny_cifar):
     gmp, s_gmp = run(tmp_path, "gmp", *data, "--mode", "gmp", "--dense-from", str(dense),
                      "--epochs", "3", "--gmp-steps", "3", "--gmp-interval", "1")
     assert s_gmp["nonzero_sparse_weights"] == sum(initial_keep_count(n, 0.9) for n in model_sizes)
-    assert [r["lr"] for r in metrics(gmp)] == [0.0, 0.02, 0.02]
+    assert [r["lr"] for r in metric_rows(gmp)] == [0.0, 0.02, 0.02]
 
 
 def test_orig_init_requires_a_finished_run(tmp_path, tiny_cifar, capsys):
@@ -138,7 +107,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ti
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
 
     main([*flags, "--out", str(killed), "--resume"])
-    assert metrics(killed) == metrics(reference)
+    assert metric_rows(killed) == metric_rows(reference)
     a = torch.load(killed / "last.pt", weights_only=True)
     b = torch.load(reference / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -43,7 +43,7 @@ class BlockSparseConv2d(nn.Module):
                 or conv.padding[0] != conv.padding[1]:
             raise ValueError(f"only bias-free, ungrouped, undilated square convs can be block-sparse, got {conv}")
         layout = BlockLayout(mask, tuple(block))
-        values = layout.pack(weight_to_matrix(conv.weight.detach()).contiguous())
+        values = layout.pack(weight_to_matrix(conv.weight.detach()).contiguous()).contiguous()
         return cls(tuple(conv.weight.shape), conv.stride[0], conv.padding[0], block, mask, values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
