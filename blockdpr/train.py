@@ -553,7 +553,9 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
                 group["lr"] = lr
             period = int(value_at(args.realloc_periods, epoch))
             orders = [data_lib.epoch_permutation(n_train, trial.args.seed, epoch, device) for trial in trials]
-            loss_sum = torch.zeros(T, device=device)  # per trial, summed over the epoch's images
+            # Per trial, summed over the epoch's images; float64 keeps the sum exact whatever the order of
+            # additions, so a run resumed mid-epoch reports the same train loss as an uninterrupted one.
+            loss_sum = torch.zeros(T, dtype=torch.float64, device=device)
             correct = torch.zeros(T, dtype=torch.int64, device=device)
             epoch_bar = bars.add_task(f"epoch {epoch + 1}/{args.epochs}", total=steps_per_epoch, completed=progress.step_in_epoch, rate="")
             tick = time.perf_counter()
@@ -583,7 +585,7 @@ def train_trials(trials_args: list[argparse.Namespace]) -> list[dict]:
                 for trial in trials:
                     if trial.sparsity is not None:
                         trial.sparsity.apply_()
-                loss_sum += losses.detach() * len(y)
+                loss_sum += losses.detach().double() * len(y)
                 correct += (logits.argmax(2) == y).sum(0)
                 images_this_process += batch
                 for t, trial in enumerate(trials):
