@@ -25,6 +25,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blockdpr.models import WideResNet, sparse_parameters  # noqa: E402
 from blockdpr.sparsity.packed import to_block_sparse  # noqa: E402
+from blockdpr.train import git_commit, versions  # noqa: E402
 
 
 def nbytes(t: torch.Tensor | None) -> int:
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Console(width=140).print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+        record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "versions": versions(),
+                  "device": "cpu (byte counts do not depend on the device)", "rows": rows}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return rows
 
 
