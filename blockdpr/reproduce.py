@@ -562,16 +562,6 @@ def benchmark(opts: argparse.Namespace) -> list[dict]:
 
 
 # ---- command line ------------------------------------------------------------------------------
-def float_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
 def condition_list(text: str) -> list[str]:
     values = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [v for v in values if v not in CONDITIONS]
@@ -588,14 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("matrix (paper defaults)")
-    g.add_argument("--sparsities", type=float_list, default=[0.9, 0.8], metavar="S,S")
+    g.add_argument("--sparsities", type=lambda s: train_lib.number_list(s, float), default=[0.9, 0.8], metavar="S,S")
     g.add_argument("--trials", type=int, default=5, help="trials (seeds) per condition")
     g.add_argument("--first-seed", type=int, default=0, help="trial k uses seed first-seed + k")
     g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS),
                    help=f"subset of {','.join(CONDITIONS)} (stop: the stop-epoch sweep); dependencies are added")
     g.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
                    help="epochs of every run but gmp; the paper's schedule is scaled by epochs / 200 (e.g. --epochs 30)")
-    g.add_argument("--stop-epochs", type=lambda s: [int(x) for x in s.split(",") if x], default=list(PAPER_STOP_EPOCHS),
+    g.add_argument("--stop-epochs", type=train_lib.number_list, default=list(PAPER_STOP_EPOCHS),
                    help="the stop-epoch sweep in epochs of the 200-epoch schedule (scaled with --epochs)")
     g.add_argument("--gmp-epochs", type=int, default=None,
                    help=f"gmp fine-tuning epochs (default: the paper's {GMP_PAPER_EPOCHS}, whatever --epochs; "
@@ -635,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("throughput")
     g.add_argument("--benchmark", action="store_true",
                    help="measure aggregate training img/s of element-mode DPR for each --bench-trials, then exit")
-    g.add_argument("--bench-trials", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4, 8, 16],
+    g.add_argument("--bench-trials", type=train_lib.number_list, default=[1, 4, 8, 16],
                    help="trials per process to measure (the first is the baseline)")
     g.add_argument("--bench-images", type=int, default=10_000, help="training images per epoch in the benchmark")
     g.add_argument("--bench-epochs", type=int, default=2, help="epochs per measurement (the last one is reported)")

@@ -77,13 +77,15 @@ def value_at(schedule: list[tuple[int, float]], epoch: int) -> float:
     return [v for e, v in schedule if e <= epoch][-1]
 
 
-def int_list(text: str) -> list[int]:
+def number_list(text: str, value_type=int) -> list:
+    """Parse comma-separated numbers ('1,2,3') for argparse; value_type int or float."""
+    kind = "integers" if value_type is int else "numbers"
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [value_type(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from None
     if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
+        raise argparse.ArgumentTypeError(f"expected at least one of the comma-separated {kind}")
     return values
 
 
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "contain {seed}, e.g. runs/dpr-seed{seed}")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--seeds", type=int_list, default=None, metavar="S,S,...",
+    g.add_argument("--seeds", type=number_list, default=None, metavar="S,S,...",
                    help="train one trial per seed together in one process (a stacked model; overrides --seed). "
                         "--out, --structure-from and --dense-from may contain {seed}")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines are still printed)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS steps within an epoch (0: at epoch ends only)")
-    g.add_argument("--snapshot-epochs", type=int_list, default=[], metavar="E,E,...",
+    g.add_argument("--snapshot-epochs", type=number_list, default=[], metavar="E,E,...",
                    help="also keep the checkpoint taken after epoch E as epochE.pt (a DPR run stopped at E can start "
                         "from it: python -m blockdpr.reproduce does)")
     g.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, help=f"default 200; {GMP_EPOCHS} for gmp")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--lr-milestones", type=lambda s: [int(x) for x in s.split(",") if x], default=[60, 120, 160],
+    g.add_argument("--lr-milestones", type=number_list, default=[60, 120, 160],
                    help="comma-separated epochs at which the lr is multiplied by --lr-gamma")
     g.add_argument("--lr-gamma", type=float, default=0.2)
     g.add_argument("--lr-schedule", type=piecewise, default=None,
