@@ -73,7 +73,8 @@ KERNELS: dict[str, dict[str, Any]] = {
                   pointers=dict(dy_ptr="T", v_ptr="T", col_ptr="i32", col_row_idx="i32", col_perm="i32", dx_ptr="T"),
                   constexprs={}),
     "wgrad": dict(obj="conv._wgrad_kernel",
-                  pointers=dict(x_ptr="T", dy_ptr="T", row_idx="i32", col_idx="i32", dv_ptr="fp32"),
+                  pointers=dict(x_ptr="T", dy_ptr="T", groups="i32", row_idx="i32", col_idx="i32",
+                                dv_ptr="fp32"),
                   constexprs={}),
 }
 # How the kernels are launched: geometry ints (specialised like the runtime: 1 -> constexpr) and
@@ -450,7 +451,8 @@ def _worker_enumerate() -> dict:
         kernels[name] = dict(obj=spec["obj"], fn_name=fn.__name__, arg_names=list(fn.arg_names),
                              constexprs=[p.name for p in fn.params if p.is_constexpr],
                              autotuned=bool(configs), configs=configs or [
-                                 dict(kwargs={}, num_warps=4, num_stages=3, num_ctas=1, maxnreg=None)])
+                                 dict(kwargs={}, num_warps=4, num_stages=3, num_ctas=1, maxnreg=None)],
+                             pickable=_pickable(name, spec, obj))
     unlisted = []
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"{PACKAGE}.{info.name}")
@@ -463,6 +465,25 @@ def _worker_enumerate() -> dict:
                 unlisted.append(f"{info.name}.{attr}")
     blocks = {v: list(getattr(ops, spec["blocks"], ())) for v, spec in VARIANTS.items()}
     return dict(kernels=kernels, unlisted=sorted(set(unlisted)), blocks=blocks)
+
+
+def _pickable(name: str, spec: dict, obj) -> dict | None:
+    """Autotune config indices that the kernel module's ``prune_configs(name, configs, bn, bk, elem_bytes,
+    smem_limit, hopper)`` (its ``early_config_prune``) keeps, per "dtype/block/target"; None: no pruning."""
+    import importlib
+    prune = getattr(importlib.import_module(f"{PACKAGE}.{spec['obj'].rpartition('.')[0]}"), "prune_configs", None)
+    if prune is None or not getattr(obj, "configs", None):
+        return None
+    ops = importlib.import_module(f"{PACKAGE}.ops")
+    blocks = sorted({b for v in VARIANTS.values() for b in getattr(ops, v["blocks"], ())})
+    out = {}
+    for dtype, dt in DTYPES.items():
+        elem = 2 if dt["ptr"] in ("bf16", "fp16") else 4
+        for block in blocks:
+            for target, t in TARGETS.items():
+                kept = {id(c) for c in prune(name, obj.configs, block, block, elem, t["smem_block"], target >= 90)}
+                out[f"{dtype}/{block}/{target}"] = [i for i, c in enumerate(obj.configs) if id(c) in kept]
+    return out
 
 
 def _specialize_int(value: int) -> tuple[str, bool]:
@@ -678,28 +699,34 @@ def build_jobs(info: dict, kernels: Iterable[str] | None = None, variants: Itera
     """The compile jobs: kernel x variant x dtype x (square) block x config x target.
 
     blocks: None = every block size the variant supports (ops.LINEAR_BLOCKS / CONV_BLOCKS), else the
-    given ones that it supports. configs: "all", "first" or indices into the autotune list.
-    extra_configs: configs of your own (e.g. deliberately bad), marked config_index=None.
+    given ones that it supports. configs: "all", "first" or indices into the autotune list, taken among the
+    configs that the kernel's ``early_config_prune`` keeps for each dtype / block / target (the autotuner
+    never runs the others). extra_configs: configs of your own (e.g. deliberately bad), never pruned,
+    marked config_index=None.
     """
     jobs = []
     for kname in kernels or KERNELS:
         k = info["kernels"][kname]
         if "error" in k:
             continue
-        cfgs = list(enumerate(k["configs"]))
-        if configs == "first":
-            cfgs = cfgs[:1]
-        elif configs != "all":
-            cfgs = [cfgs[i] for i in configs]
-        cfgs += [(None, c) for c in extra_configs]
+        every = list(enumerate(k["configs"])) + [(None, c) for c in extra_configs]
+
+        def chosen(key: str) -> set:
+            """Indices to compile: among the pickable configs (kernel's pruning), "first" / "all" / given."""
+            pick = [i for i, _ in every if i is not None and (not k.get("pickable") or i in k["pickable"][key])]
+            return set(pick[:1] if configs == "first" else pick if configs == "all" else
+                       [i for i in pick if i in configs]) | {None}
+
         for variant in variants or VARIANTS:
             supported = info["blocks"].get(variant) or [REPRESENTATIVE_BLOCK]
             for block in [b for b in (blocks or supported) if b in supported]:
                 for dtype in dtypes:
-                    for idx, cfg in cfgs:
+                    keep = {t: chosen(f"{dtype}/{block}/{t}") for t in targets}
+                    for idx, cfg in every:
                         for target in targets:
-                            jobs.append(dict(kernel=kname, variant=variant, dtype=dtype, block=[block, block],
-                                             config=cfg, config_index=idx, target=int(target)))
+                            if idx in keep[target]:
+                                jobs.append(dict(kernel=kname, variant=variant, dtype=dtype, block=[block, block],
+                                                 config=cfg, config_index=idx, target=int(target)))
     return jobs
 
 

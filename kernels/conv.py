@@ -12,8 +12,12 @@ tap on the fly (masked at the batch*spatial edge and at zero padding). Three ker
 * ``_dgrad_kernel``: ``dx[m, c-block] = sum over taps t, active blocks (n, (t, c)) of
   col2im(dy)[m, n-block] @ W_blk``; one program per (M tile, input-channel block), looping
   over the active blocks of the columns ``(t, c)`` through the column-compressed view.
-* ``_wgrad_kernel``: ``dW_blk = dy[:, n-block]^T @ im2col(x)[:, k-block]`` for active
-  blocks only; one program per (active block, M split), fp32 partial sums.
+* ``_wgrad_kernel``: ``dW_blk^T = im2col(x)[:, k-block]^T @ dy[:, n-block]`` for active
+  blocks only; one program per (run of up to ``64 // b_in`` blocks of one block row, M split),
+  the run's blocks stacked into one dot of M >= 64 (wgmma on Hopper), fp32 partial sums.
+
+Autotune configs that would spill registers or overflow shared memory on the launch's GPU are
+pruned before tuning (:func:`prune_configs`, calibrated with ``bench/kernel_report.py``).
 
 A dense linear layer is the 1x1 conv over ``M`` pixels, so :mod:`.matmul` reuses these
 kernels with ``H = W = 1``. Kernels specialise only on block shape, dtype, geometry and
@@ -31,12 +35,66 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(block_ms=(64, 128)):
+def _configs():
     """Autotune configs (Hopper-sensible); a single small one under the interpreter."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bm in block_ms for w, s in ((4, 3), (4, 4), (8, 3), (8, 4))]
+            for bm in (64, 128) for w in (4, 8) for s in (2, 4)]
+
+
+def _cost(kernel: str, config, bn: int, bk: int, elem_bytes: int, hopper: bool) -> tuple[float, int]:
+    """(register pressure, shared memory bytes) of a config, calibrated on ``bench/kernel_report.py``.
+
+    Pressure: fp32 accumulator elements per thread (plus, for wgrad, the gathered operand elements
+    it holds in registers), weighted by the operand size (more on Ampere, whose mma.sync keeps the
+    operands in registers). Shared memory: ``num_stages`` (Hopper) or ``num_stages - 1`` (Ampere)
+    copies of the operand tiles.
+    """
+    bm, threads = config.kwargs["BLOCK_M"], 32 * config.num_warps
+    if kernel == "wgrad":
+        g = _group(bk)
+        tiles = bm * (g * bk + bn)
+        per_thread = (g * bk * bn + tiles) / threads
+    else:
+        tiles = bm * bk + bn * bk
+        per_thread = bm * (bn if kernel == "fwd" else bk) / threads
+    weight = elem_bytes / 2 if hopper else (elem_bytes / 2) ** 2
+    return per_thread * weight, (config.num_stages - (0 if hopper else 1)) * tiles * elem_bytes
+
+
+def config_fits(kernel: str, config, bn: int, bk: int, elem_bytes: int, smem_limit: int, hopper: bool) -> bool:
+    """Whether ``config`` of ``kernel`` ("fwd", "dgrad", "wgrad") should neither spill registers nor
+    overflow ``smem_limit``. On Ampere, 2 stages (a single buffer: no pipelining) are left out too."""
+    pressure, smem = _cost(kernel, config, bn, bk, elem_bytes, hopper)
+    limit = 128 if hopper else 48 if kernel == "wgrad" else 64
+    return pressure <= limit and smem <= smem_limit and (hopper or config.num_stages > 2)
+
+
+def prune_configs(kernel: str, configs, bn: int, bk: int, elem_bytes: int, smem_limit: int, hopper: bool) -> list:
+    """The configs that fit (:func:`config_fits`); if none, the least register pressure within shared memory."""
+    kept = [c for c in configs if config_fits(kernel, c, bn, bk, elem_bytes, smem_limit, hopper)]
+    cost = {id(c): _cost(kernel, c, bn, bk, elem_bytes, hopper) for c in configs}
+    return kept or [min(configs, key=lambda c: (cost[id(c)][1] > smem_limit, cost[id(c)][0], cost[id(c)][1]))]
+
+
+def _pruner(kernel: str):
+    """``early_config_prune`` for the autotuner: :func:`prune_configs` for the launch's block, dtype and GPU."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        t = args["v_ptr" if kernel != "wgrad" else "x_ptr"]
+        if t.device.type == "cuda":
+            props = torch.cuda.get_device_properties(t.device)
+            limit, hopper = props.shared_memory_per_block_optin, props.major >= 9
+        else:  # interpreter
+            limit, hopper = 1 << 30, True
+        return prune_configs(kernel, configs, args["BN"], args["BK"], t.element_size(), limit, hopper)
+    return prune
+
+
+def _group(bk: int) -> int:
+    """Blocks of one block row per weight-gradient program: enough for a dot with M = G * BK >= 64 (wgmma)."""
+    return max(1, 64 // bk)
 
 
 # Autotune key: shapes and geometry, never layout contents (triton adds the tensor dtypes).
@@ -75,7 +133,8 @@ def _tap_rows(b, i, j, in_range, tap, H_SRC, W_SRC,
     return ((b * H_SRC + h) * W_SRC + w).to(tl.int64), ok & in_range
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _fwd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr,
                 M, H, W, P, Q, C_IN, C_OUT,
@@ -92,8 +151,13 @@ def _fwd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr,
     b, i, j = _pixels(offs_m, P, Q)
     k_blocks = C_IN // BK
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for blk in range(tl.load(row_ptr + n), tl.load(row_ptr + n + 1)):
-        kb = tl.load(col_idx + blk)
+    lo, hi = tl.load(row_ptr + n), tl.load(row_ptr + n + 1)
+    kb_next = tl.load(col_idx + lo, mask=lo < hi, other=0)
+    for blk in range(lo, hi):
+        # the block index is loaded an iteration ahead: an address that depends on a load of the
+        # same iteration keeps Triton's software pipeliner at 2 stages whatever num_stages says
+        kb = kb_next
+        kb_next = tl.load(col_idx + blk + 1, mask=blk + 1 < hi, other=0)
         rows, ok = _tap_rows(b, i, j, offs_m < M, kb // k_blocks, H, W, S, STRIDE, PAD, False)
         a = tl.load(x_ptr + rows[:, None] * C_IN + (kb % k_blocks) * BK + offs_k[None, :],
                     mask=ok[:, None], other=0.0)
@@ -105,7 +169,8 @@ def _fwd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
 
 
-@triton.autotune(configs=_configs(), key=_KEY + ["R"])
+@triton.autotune(configs=_configs(), key=_KEY + ["R"],
+                 prune_configs_by={"early_config_prune": _pruner("dgrad")})
 @triton.jit
 def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
                   M, H, W, P, Q, C_IN, C_OUT,
@@ -124,9 +189,13 @@ def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
     for tap in range(R * S):
         rows, ok = _tap_rows(b, i, j, offs_m < M, tap, P, Q, S, STRIDE, PAD, True)
         col = tap * k_blocks + c
-        for e in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
-            nb = tl.load(col_row_idx + e)
-            blk = tl.load(col_perm + e)
+        lo, hi = tl.load(col_ptr + col), tl.load(col_ptr + col + 1)
+        nb_next = tl.load(col_row_idx + lo, mask=lo < hi, other=0)
+        blk_next = tl.load(col_perm + lo, mask=lo < hi, other=0)
+        for e in range(lo, hi):  # indices loaded an iteration ahead, as in _fwd_kernel
+            nb, blk = nb_next, blk_next
+            nb_next = tl.load(col_row_idx + e + 1, mask=e + 1 < hi, other=0)
+            blk_next = tl.load(col_perm + e + 1, mask=e + 1 < hi, other=0)
             g = tl.load(dy_ptr + rows[:, None] * C_OUT + nb * BN + offs_n[None, :],
                         mask=ok[:, None], other=0.0)
             w = tl.load(v_ptr + blk * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :])  # [BN, BK]
@@ -135,40 +204,52 @@ def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY,
+                 prune_configs_by={"early_config_prune": _pruner("wgrad")})
 @triton.jit
-def _wgrad_kernel(x_ptr, dy_ptr, row_idx, col_idx, dv_ptr,
+def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr,
                   M, H, W, P, Q, C_IN, C_OUT,
                   S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dv[split, blk] = dy[:, n-block]^T @ im2col(x)[:, k-block] over this split's share of M = B*P*Q.
+    """dv[blk, split]^T = im2col(x)[:, k-block]^T @ dy[:, n-block] over this split's share of M = B*P*Q,
+    for the packed blocks ``groups[g, 0] .. groups[g, 1] - 1`` (at most G, all of one block row n).
 
-    Grid ``(nnz, n_splits)``; dv is fp32 ``[n_splits, nnz, BN, BK]``, summed over splits by the caller.
+    The G blocks share the dy tile and are stacked into one dot ``[G*BK, BLOCK_M] @ [BLOCK_M, BN]``
+    whose M dimension G*BK >= 64 lets Hopper use wgmma. Grid ``(groups, n_splits)``; unused groups
+    are empty. dv is fp32 ``[nnz, n_splits, BN, BK]``, summed over splits by the caller.
     """
-    blk = tl.program_id(0)
+    G: tl.constexpr = 64 // BK if BK < 64 else 1  # as _group(BK)
+    start, end = tl.load(groups + 2 * tl.program_id(0)), tl.load(groups + 2 * tl.program_id(0) + 1)
+    if start >= end:
+        return
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    n = tl.load(row_idx + blk)
-    kb = tl.load(col_idx + blk)
+    n = tl.load(row_idx + start)
+    blks = start + tl.arange(0, G)
+    mine = blks < end
+    kb = tl.load(col_idx + blks, mask=mine, other=0)
     k_blocks = C_IN // BK
-    tap = kb // k_blocks
+    tap = (kb // k_blocks)[:, None]  # [G, 1]
     offs_n = tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
+    chans = (kb % k_blocks)[:, None, None] * BK + offs_k[None, :, None]  # [G, BK, 1]
     tiles = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(tiles, n_splits)
-    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    acc = tl.zeros((G * BK, BN), dtype=tl.float32)
     for t in range(split * per_split, tl.minimum(tiles, (split + 1) * per_split)):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         b, i, j = _pixels(offs_m, P, Q)
-        rows, ok = _tap_rows(b, i, j, offs_m < M, tap, H, W, S, STRIDE, PAD, False)
-        g_t = tl.load(dy_ptr + offs_m[None, :].to(tl.int64) * C_OUT + n * BN + offs_n[:, None],
-                      mask=(offs_m < M)[None, :], other=0.0)  # [BN, BLOCK_M]
-        a = tl.load(x_ptr + rows[:, None] * C_IN + (kb % k_blocks) * BK + offs_k[None, :],
-                    mask=ok[:, None], other=0.0)
-        acc = tl.dot(g_t, a, acc, input_precision=PRECISION)
-    out = dv_ptr + (split * tl.num_programs(0) + blk).to(tl.int64) * (BN * BK)
-    tl.store(out + offs_n[:, None] * BK + offs_k[None, :], acc)
+        rows, ok = _tap_rows(b[None, :], i[None, :], j[None, :], (offs_m < M)[None, :], tap,
+                             H, W, S, STRIDE, PAD, False)  # [G, BLOCK_M]
+        a_t = tl.load(x_ptr + rows[:, None, :] * C_IN + chans, mask=(ok & mine[:, None])[:, None, :],
+                      other=0.0)  # [G, BK, BLOCK_M]
+        g = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :],
+                    mask=(offs_m < M)[:, None], other=0.0)  # [BLOCK_M, BN]
+        acc = tl.dot(tl.reshape(a_t, (G * BK, BLOCK_M)), g, acc, input_precision=PRECISION)
+    out = dv_ptr + (blks * n_splits + split).to(tl.int64)[:, None, None] * (BN * BK)
+    tl.store(out + offs_n[None, None, :] * BK + offs_k[None, :, None], tl.reshape(acc, (G, BK, BN)),
+             mask=mine[:, None, None])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -188,14 +269,32 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _split_count(nnz: int, m: int, device: torch.device) -> int:
+def _split_count(programs: int, m: int, device: torch.device) -> int:
     """M splits for the weight gradient: about 4 programs per SM, at least one M tile each."""
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8  # interpreter: small, but enough to exercise the split path in tests
     m_tiles = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _wgrad_kernel.configs))
-    return max(1, min(m_tiles, triton.cdiv(target, nnz)))
+    return max(1, min(m_tiles, triton.cdiv(target, programs)))
+
+
+def _groups(row_idx: torch.Tensor, g: int, n_rows: int) -> torch.Tensor:
+    """``[groups, 2]``: first and end packed block of each run of up to ``g`` blocks of one block row.
+
+    ``row_idx`` is sorted (row-major block order). Sized ``min(nnz, nnz // g + n_rows)``, a bound on
+    the number of runs, so the grid needs no host sync; the unused rows are empty runs ``(0, 0)``.
+    """
+    nnz = row_idx.shape[0]
+    blk = torch.arange(nnz, device=row_idx.device, dtype=torch.int32)
+    lead = (blk - torch.searchsorted(row_idx, row_idx, out_int32=True)) % g == 0
+    end = torch.minimum(blk + g, torch.searchsorted(row_idx, row_idx, right=True, out_int32=True))
+    n_groups = min(nnz, nnz // g + n_rows)
+    slot = torch.where(lead, torch.cumsum(lead, 0) - 1, n_groups)  # non-leaders go to a spare row
+    out = torch.zeros(n_groups + 1, 2, device=row_idx.device, dtype=torch.int32)
+    out[:, 0].scatter_(0, slot, torch.where(lead, blk, 0))
+    out[:, 1].scatter_(0, slot, torch.where(lead, end, 0))
+    return out[:n_groups]
 
 
 def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, allow_tf32):
@@ -245,10 +344,11 @@ def grad_weight(x, dy, row_idx, col_idx, block, kernel_size, stride, padding, al
     m = dy.shape[0] * geo["P"] * geo["Q"]
     if nnz == 0 or m == 0:
         return x.new_zeros(nnz, bn, bk)
-    splits = _split_count(nnz, m, x.device)
-    partial = torch.empty(splits, nnz, bn, bk, device=x.device, dtype=torch.float32)
+    groups = _groups(row_idx, _group(bk), geo["C_OUT"] // bn)
+    splits = _split_count(groups.shape[0], m, x.device)
+    partial = torch.empty(nnz, splits, bn, bk, device=x.device, dtype=torch.float32)
     with _on(x.device):
-        _wgrad_kernel[(nnz, splits)](x, dy, row_idx, col_idx, partial, m, **geo,
-                                     S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
-                                     PRECISION=_precision(x.dtype, allow_tf32))
-    return partial.sum(0).to(x.dtype)
+        _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, partial, m, **geo,
+                                                 S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
+                                                 PRECISION=_precision(x.dtype, allow_tf32))
+    return partial.sum(1).to(x.dtype)

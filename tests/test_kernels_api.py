@@ -212,3 +212,29 @@ def test_autocast_casts_inputs_like_dense_ops():
     assert v.grad.dtype == torch.float32
     ref = x.bfloat16().float() @ layout.unpack(v.detach().bfloat16().float()).t() + b.bfloat16().float()
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)
+
+
+def test_config_pruning_keeps_a_config_and_drops_known_bad_tiles():
+    """conv.prune_configs (the autotuners' early_config_prune): figures from bench/kernel_report.py."""
+    import triton
+    fits = ops.conv.config_fits
+    cfg = lambda bm, w, s=3: triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)  # noqa: E731
+    every = [cfg(bm, w, s) for bm in (64, 128) for w in (4, 8) for s in (2, 4)]
+    for kernel in ("fwd", "dgrad", "wgrad"):
+        for block in (16, 32, 64, 128):
+            for elem in (2, 4):
+                for limit, hopper in ((227 * 1024, True), (163 * 1024, False)):
+                    kept = ops.conv.prune_configs(kernel, every, block, block, elem, limit, hopper)
+                    assert kept and all(c in every for c in kept)
+                    assert all(ops.conv._cost(kernel, c, block, block, elem, hopper)[1] <= limit for c in kept)
+    assert not fits("fwd", cfg(128, 4), 128, 128, 4, 227 * 1024, True)    # spills (255 regs)
+    assert not fits("fwd", cfg(128, 8), 128, 128, 4, 227 * 1024, True)    # 384 KB of shared memory
+    assert not fits("fwd", cfg(128, 4), 128, 128, 2, 163 * 1024, False)   # spills on sm_80
+    assert not fits("wgrad", cfg(128, 8, 4), 64, 64, 4, 227 * 1024, True)  # 257 KB
+    assert not fits("fwd", cfg(128, 8, 4), 128, 128, 2, 227 * 1024, True)  # 4 stages of 64 KB
+    assert not fits("fwd", cfg(64, 8, 2), 32, 32, 2, 163 * 1024, False)   # 2 stages: 1 buffer on sm_80
+    assert fits("fwd", cfg(128, 8, 2), 128, 128, 2, 227 * 1024, True)
+    assert fits("fwd", cfg(128, 4, 4), 32, 32, 2, 227 * 1024, True)
+    assert fits("wgrad", cfg(128, 4, 4), 32, 32, 2, 227 * 1024, True)
+    (fallback,) = ops.conv.prune_configs("fwd", every, 128, 128, 4, 163 * 1024, False)  # TF32, A100: none fits
+    assert (fallback.kwargs["BLOCK_M"], fallback.num_warps, fallback.num_stages) == (64, 8, 2)

@@ -115,3 +115,26 @@ def test_linear_auto_on_cpu_matches_dense():
     x = torch.randn(5, 96)
     dense = layout.unpack(w)
     torch.testing.assert_close(block_sparse_linear(x, w, layout), x @ dense.t())
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (16, 64)])
+def test_linear_weight_grad_groups_end_at_row_ends(block):
+    """The weight-gradient kernel stacks up to 64 // bk blocks of one block row: rows of 5, 0, 9, 3 blocks."""
+    mask = torch.zeros(4, 9, dtype=torch.bool)
+    mask[0, [0, 2, 3, 5, 8]] = True
+    mask[2, :] = True
+    mask[3, [1, 4, 7]] = True
+    check_linear(mask, block, (21,), torch.float32, with_bias=False)
+
+
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_weight_grad_groups(g):
+    counts = torch.tensor([5, 0, 9, 3, 1, 0, 4])
+    row_idx = torch.repeat_interleave(torch.arange(len(counts)), counts).to(torch.int32)
+    groups = _conv._groups(row_idx, g, len(counts))
+    assert groups.dtype == torch.int32 and groups.shape == (min(len(row_idx), len(row_idx) // g + len(counts)), 2)
+    first = [int(counts[:r].sum()) for r in range(len(counts))]
+    expected = [(first[r] + i, first[r] + min(i + g, int(counts[r])))
+                for r in range(len(counts)) for i in range(0, int(counts[r]), g)]
+    assert [tuple(t) for t in groups[:len(expected)].tolist()] == expected
+    assert groups[len(expected):].eq(0).all(), "unused rows are empty runs"
