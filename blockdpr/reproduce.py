@@ -446,6 +446,13 @@ def write_figures(rows: list[dict], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / name)
+
     schedules = sorted({r["schedule"] for r in rows})
     for epochs in schedules:
         suffix = "" if len(schedules) == 1 else f"-e{epochs}"
@@ -482,11 +489,7 @@ def write_figures(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_ylim(max(0.0, min(values) - 2), min(100.0, max(top) + 1.5))
         ax.set_title(f"Figure 1a: {epochs}-epoch schedule, mean +- std over trials")
         ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = out_dir / f"figure1a{suffix}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"figure1a{suffix}.png")
 
         # Figure 1b, 1c: accuracy against the epoch at which DPR stopped; gmp and static as bands.
         for letter, s in zip("bcdefgh", sparsities):
@@ -506,11 +509,7 @@ def write_figures(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"Figure 1{letter}: sparsity {s}, {epochs} epochs")
             ax.legend(fontsize=7, loc="lower right")
-            fig.tight_layout()
-            path = out_dir / f"figure1{letter}{suffix}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            save(fig, f"figure1{letter}{suffix}.png")
     return written
 
 

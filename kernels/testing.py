@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-__all__ = ["kernel_device", "kernels", "record_specializations", "SKIP_REASON"]
+__all__ = ["kernel_device", "kernels", "record_specializations", "SKIP_REASON", "BF16_SKIP_REASON"]
 
 
 def kernel_device() -> torch.device | None:
@@ -26,6 +26,9 @@ def kernel_device() -> torch.device | None:
 
 SKIP_REASON = ("no CUDA device and the Triton interpreter is off: set TRITON_INTERPRET=1 before "
                "triton is imported (tests/conftest.py does this)")
+
+BF16_SKIP_REASON = ("Triton interpreter does not support bf16 tl.dot (triton issue 11584: it multiplies raw "
+                    "bit patterns; fp16 and fp32 are right); bf16 runs on a real GPU")
 
 
 def kernels() -> dict:

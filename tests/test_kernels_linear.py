@@ -5,16 +5,13 @@ from hypothesis import given, settings, strategies as st
 
 from blockdpr_kernels import BlockLayout, block_sparse_linear
 from blockdpr_kernels import conv as _conv
-from blockdpr_kernels.testing import SKIP_REASON, kernel_device
+from blockdpr_kernels.testing import BF16_SKIP_REASON, SKIP_REASON, kernel_device
 
 DEVICE = kernel_device()  # cuda, or cpu under TRITON_INTERPRET=1 (tests/conftest.py)
 if DEVICE is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
-BF16_SKIP = pytest.mark.skipif(
-    _conv.INTERPRET,
-    reason="Triton interpreter does not support bf16 tl.dot (triton issue 11584: it multiplies raw "
-           "bit patterns; fp16 and fp32 are right); bf16 runs on a real GPU")
+BF16_SKIP = pytest.mark.skipif(_conv.INTERPRET, reason=BF16_SKIP_REASON)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
        torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 
