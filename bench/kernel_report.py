@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_DIR = ROOT / "kernels"
+KERNEL_DIR = ROOT / "blockdpr_kernels"
 RESULTS_DIR = ROOT / "bench" / "results"
 PACKAGE = "blockdpr_kernels"
 
@@ -881,7 +881,7 @@ def _meta(argv) -> dict:
         versions["ptxas"] = None
     return dict(command=" ".join([Path(sys.argv[0]).name if argv is None else "kernel_report.py",
                                   *(sys.argv[1:] if argv is None else argv)]),
-                git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "kernels")),
+                git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "blockdpr_kernels")),
                 kernels_source_hash=source_hash(), versions=versions, host=platform.node(),
                 date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 

@@ -66,8 +66,8 @@ def _ensure_kernels_importable() -> None:
     import importlib.util
 
     if importlib.util.find_spec("blockdpr_kernels") is None:
-        spec = importlib.util.spec_from_file_location("blockdpr_kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        spec = importlib.util.spec_from_file_location("blockdpr_kernels", ROOT / "blockdpr_kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "blockdpr_kernels")])
         module = importlib.util.module_from_spec(spec)
         sys.modules["blockdpr_kernels"] = module
         spec.loader.exec_module(module)

@@ -16,13 +16,6 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2,
        torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
 
 
-
-@pytest.fixture(autouse=True)
-def no_tf32(monkeypatch):
-    """fp32 comparisons at 1e-4 need full fp32 on a GPU (both in the kernels and in the reference)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
 def run_linear(x, values, layout, bias, dy, backend):
     """Output and (dx, dvalues, dbias) of the op with the given backend."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, values) + ((bias,) if bias is not None else ())]

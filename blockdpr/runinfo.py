@@ -1,0 +1,140 @@
+"""Atomic file writes and run provenance: the one place the project does either.
+
+Atomic write: the bytes go to a temporary file in the target's directory (named
+``.<name>.<random>.tmp``), are flushed and fsynced, and the temp file is renamed over the
+target, so a kill at any instruction leaves the old file or the new one, never a torn one.
+:func:`remove_stale_temps` deletes the temp files that interrupted writes left behind.
+
+Provenance: :func:`provenance` gives the git commit (and whether the tree was dirty), library
+versions, the device, the host and the exact command line, for every JSON a run or a
+benchmark writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, IO
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "remove_stale_temps", "git_info", "versions", "device_info", "provenance", "TEMP_SUFFIX"]
+
+TEMP_SUFFIX = ".tmp"
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(f)`` on a binary temp file beside ``path``, fsync it, then rename it to ``path``.
+
+    Creates the parent directory. On any error (including KeyboardInterrupt) the temp file is
+    removed and ``path`` is left as it was. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (with a trailing newline) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files (``.<name>.*.tmp``) that interrupted atomic writes left in ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def git_info(root: str | Path = _ROOT) -> dict:
+    """``{"commit": sha or None, "dirty": bool}`` of the git tree at ``root`` (no git: commit None)."""
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD") or None
+    return {"commit": commit, "dirty": bool(commit) and bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def versions() -> dict:
+    """Versions of python, torch, triton, numpy, CUDA and cuDNN (None where absent)."""
+    import numpy as np
+    import torch
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "numpy": np.__version__, "cuda": torch.version.cuda, "cudnn": cudnn}
+
+
+def device_info(device: Any = None) -> dict:
+    """What a result was measured on: the device, its name, and for CUDA capability, SMs and memory."""
+    import torch
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    info: dict[str, Any] = {"device": str(device), "host": platform.node(), "cpu_count": os.cpu_count(),
+                            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=props.name, capability=list(torch.cuda.get_device_capability(device)),
+                    sm_count=props.multi_processor_count, gpu_memory_bytes=props.total_memory)
+    else:
+        info.update(gpu_name=None, cpu=platform.processor() or platform.machine())
+    return info
+
+
+def provenance(device: Any = None, argv: list[str] | None = None) -> dict:
+    """Everything needed to say where a result came from: command, git, versions, device, time (UTC)."""
+    from datetime import datetime, timezone
+    argv = sys.argv if argv is None else argv
+    return {"command": shlex.join([Path(sys.executable).name, *argv]) if argv else None,
+            "cwd": os.getcwd(), "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git": git_info(), "versions": versions(), "device": device_info(device)}
