@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from rich.markup import escape as _rich_escape
 
-__all__ = ["HelpFormatter", "add_list_argument", "split_list", "escape"]
+__all__ = ["HelpFormatter", "RawHelpFormatter", "add_list_argument", "split_list", "escape"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,6 +29,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` that keeps the description's line breaks (a module docstring as written)."""
 
 
 def split_list(tokens: str | Sequence[str], value_type: Callable[[str], Any] = str, name: str = "value") -> list:

@@ -38,6 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -48,6 +49,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -125,10 +132,21 @@ def device_info(device: Any = None) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu_name=props.name, capability=list(torch.cuda.get_device_capability(device)),
-                    sm_count=props.multi_processor_count, gpu_memory_bytes=props.total_memory)
+                    sm_count=props.multi_processor_count, gpu_memory_bytes=props.total_memory,
+                    driver=_nvidia_driver())
     else:
         info.update(gpu_name=None, cpu=platform.processor() or platform.machine())
     return info
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi (None when it cannot be run)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
 
 
 def provenance(device: Any = None, argv: list[str] | None = None) -> dict:

@@ -1,0 +1,72 @@
+"""On-device batching and augmentation: the epoch order, normalisation and the random
+crop / flip of a batch, each vectorised over the batch and seeded by explicit generators."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGE_SHAPE
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    """int64 ``[n]`` permutation of ``0..n-1``, a function of ``(seed, epoch)`` only.
+
+    Generated on the CPU (so it is the same on every device type), then moved.
+    """
+    digest = hashlib.sha256(f"blockdpr-permutation:{seed}:{epoch}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.randperm(n, generator=g, dtype=torch.int64).to(device)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 32, 32, 3]`` -> float32 ``[B, 3, 32, 32]``, (x - mean) / std per channel,
+    in channels_last memory format (on the input's device)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor(CIFAR10_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    # permute of a contiguous NHWC tensor already has channels_last strides
+    x = images.permute(0, 3, 1, 2).float()
+    return ((x - mean) * inv_std).contiguous(memory_format=torch.channels_last)
+
+
+_PAD = 4
+
+
+def _augment_params(batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """Random crop offsets ``dy, dx`` in ``0..8`` (into the 40x40 padded image) and flip
+    flags, each int64/bool ``[batch]``, drawn in this order from ``generator``."""
+    dy = torch.randint(0, 2 * _PAD + 1, (batch,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * _PAD + 1, (batch,), generator=generator, device=device)
+    flip = torch.randint(0, 2, (batch,), generator=generator, device=device).bool()
+    return dy, dx, flip
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation of a batch, entirely on ``images.device``, no per-image loop.
+
+    uint8 ``[B, 32, 32, 3]`` -> float32 ``[B, 3, 32, 32]`` (channels_last), equal to:
+    reflect-pad by 4 pixels, take a random 32x32 crop, flip horizontally with
+    probability 1/2, then :func:`normalize`.  ``generator`` must live on the same
+    device; the result is deterministic given its state.  Implemented as one gather
+    with per-image row/column indices (reflection folded into the indices).
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(f"expected uint8 [B, 32, 32, 3], got {images.dtype} {tuple(images.shape)}")
+    b, h, w, _ = images.shape
+    device = images.device
+    dy, dx, flip = _augment_params(b, generator, device)
+    ar_h = torch.arange(h, device=device)
+    ar_w = torch.arange(w, device=device)
+    # padded coordinate p = i + offset maps to source p - PAD, reflected into [0, size)
+    rows = (ar_h[None, :] + dy[:, None] - _PAD).abs()
+    rows = torch.where(rows > h - 1, 2 * (h - 1) - rows, rows)  # [B, 32]
+    cols = (ar_w[None, :] + dx[:, None] - _PAD).abs()
+    cols = torch.where(cols > w - 1, 2 * (w - 1) - cols, cols)  # [B, 32]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch_idx = torch.arange(b, device=device)[:, None, None]
+    out = images[batch_idx, rows[:, :, None], cols[:, None, :]]  # uint8 [B, 32, 32, 3]
+    return normalize(out)
