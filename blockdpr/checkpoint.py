@@ -1,46 +1,31 @@
-"""Atomic checkpoint writes and safe, validated loads.
+"""Checkpoints: atomic writes (blockdpr.runinfo) and safe, validated loads.
 
-A checkpoint is a dict of tensors, numbers, strings, lists and dicts saved with torch.save; it is
-written to a temporary file in the same directory, flushed to disk and renamed over the target,
-so a kill at any moment leaves either the old or the new file, never a torn one. Loading uses
-torch.load(weights_only=True), which refuses arbitrary pickled objects.
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts saved with torch.save through
+blockdpr.runinfo.atomic_write (temp file, fsync, rename), so a kill at any moment leaves either
+the old or the new file, never a torn one. Loading uses torch.load(weights_only=True), which
+refuses arbitrary pickled objects.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+from .runinfo import atomic_write
+
+# 2: the reallocator's state_dict and the run's metrics records are part of the checkpoint.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not match the run that tries to load it."""
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (temp file + fsync + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Save a training checkpoint, stamped with the format version."""
-    save_atomic({"format_version": FORMAT_VERSION, **state}, path)
+    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
 def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:

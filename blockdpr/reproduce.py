@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
-import os
 import shlex
 import shutil
 import statistics
@@ -40,8 +40,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import figure1_short as presets
 from . import train as train_lib
 from .checkpoint import CheckpointError, load_checkpoint
+from .cli import HelpFormatter, add_list_argument, escape
+from .config import ConfigError, RunConfig
+from .run_dir import saved_config
+from .runinfo import atomic_write, atomic_write_json, atomic_write_text
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -120,7 +125,7 @@ class Run:
     seed: int
     stop_epoch: int | None  # DPR runs: the epoch after which the structure is frozen
     out: Path
-    flags: list[str]  # the blockdpr.train flags (besides the shared ones)
+    settings: dict  # its RunConfig settings (besides the shared ones, seed and out)
     depends: list[Path] = field(default_factory=list)  # run directories that must be finished first
 
     @property
@@ -147,82 +152,72 @@ def plan(opts: argparse.Namespace) -> list[Run]:
     sched: Schedule = opts.schedule
     root: Path = opts.root
     seeds = range(opts.first_seed, opts.first_seed + opts.trials)
-    base = ["--epochs", str(sched.epochs), "--lr-milestones", ",".join(map(str, sched.milestones)),
-            "--realloc-periods", sched.realloc_periods]
-    gmp_flags = ["--epochs", str(sched.gmp_epochs), "--gmp-steps", str(sched.gmp_steps),
-                 "--gmp-interval", str(sched.gmp_interval), "--lr-schedule", sched.gmp_lr]
+    base = dict(epochs=sched.epochs, lr_milestones=tuple(sched.milestones),
+                realloc_periods=train_lib.piecewise(sched.realloc_periods, int))
+    gmp_settings = dict(epochs=sched.gmp_epochs, gmp_steps=sched.gmp_steps, gmp_interval=sched.gmp_interval,
+                        lr_schedule=train_lib.piecewise(sched.gmp_lr))
     wanted = set(opts.conditions)
     runs: list[Run] = []
 
-    def add(condition, sparsity, seed, stop, flags, depends=()):
+    def add(condition, sparsity, seed, stop, settings, depends=()):
         out = root / run_name(condition, sparsity, seed, stop)
-        runs.append(Run(condition, sparsity, seed, stop, out, flags, list(depends)))
+        runs.append(Run(condition, sparsity, seed, stop, out, settings, list(depends)))
 
     # Wave 1: no dependencies.
     if wanted & {"dense", "gmp"}:
         for seed in seeds:
-            add("dense", None, seed, None, ["--mode", "dense", *base])
+            add("dense", None, seed, None, dict(mode="dense", **base))
     fork = "stop" in wanted and opts.fork and sched.stop_epochs
-    snapshots = ["--snapshot-epochs", ",".join(map(str, sched.stop_epochs))] if fork else []
+    snapshots = dict(snapshot_epochs=tuple(sched.stop_epochs)) if fork else {}
     for s in opts.sparsities:
-        sp = ["--sparsity", str(s)]
+        sp = dict(sparsity=s)
         for seed in seeds:
             dpr = root / run_name("dpr", s, seed, None)
             if wanted & {"dpr", "reinit", "orig-init", "stop"}:
-                add("dpr", s, seed, sched.dpr_stop,
-                    ["--mode", "dpr", *sp, *base, "--dpr-stop-epoch", str(sched.dpr_stop), *snapshots])
+                add("dpr", s, seed, sched.dpr_stop, dict(mode="dpr", **sp, **base, dpr_stop_epoch=sched.dpr_stop, **snapshots))
             if "static" in wanted:
-                add("static", s, seed, None, ["--mode", "static", *sp, *base])
+                add("static", s, seed, None, dict(mode="static", **sp, **base))
             if "stop" in wanted:  # with fork: continued from the DPR run's checkpoint after epoch E (see fork_stop_run)
                 for e in sched.stop_epochs:
-                    add("stop", s, seed, e, ["--mode", "dpr", *sp, *base, "--dpr-stop-epoch", str(e)], [dpr] if fork else [])
+                    add("stop", s, seed, e, dict(mode="dpr", **sp, **base, dpr_stop_epoch=e), [dpr] if fork else [])
     # Wave 2: built on a finished run of wave 1.
     for s in opts.sparsities:
-        sp = ["--sparsity", str(s)]
+        sp = dict(sparsity=s)
         for seed in seeds:
             dpr = root / run_name("dpr", s, seed, None)
             for mode in ("reinit", "orig-init"):
                 if mode in wanted:
-                    add(mode, s, seed, None, ["--mode", mode, *sp, *base, "--structure-from", str(dpr)], [dpr])
+                    add(mode, s, seed, None, dict(mode=mode, **sp, **base, structure_from=dpr), [dpr])
             if "gmp" in wanted:
                 dense = root / run_name("dense", None, seed, None)
-                add("gmp", s, seed, None, ["--mode", "gmp", *sp, *gmp_flags, "--dense-from", str(dense)], [dense])
+                add("gmp", s, seed, None, dict(mode="gmp", **sp, **gmp_settings, dense_from=dense), [dense])
     # Within a wave: what others depend on first (dense, DPR), then by condition, sparsity, stop epoch, seed.
     order = {c: i for i, c in enumerate(("dense", "dpr", "static", "stop", "reinit", "orig-init", "gmp"))}
     return sorted(runs, key=lambda r: (bool(r.depends), order[r.condition], -(r.sparsity or 0), r.stop_epoch or 0, r.seed))
 
 
-def shared_flags(opts: argparse.Namespace) -> list[str]:
-    """blockdpr.train flags every run gets from this command line."""
-    flags = ["--device", opts.device, "--depth", str(opts.depth), "--width", str(opts.width),
-             "--batch-size", str(opts.batch_size)]
-    for name in ("data", "train_subset", "test_subset"):
-        if getattr(opts, name) is not None:
-            flags += [f"--{name.replace('_', '-')}", str(getattr(opts, name))]
-    for name in ("amp", "compile", "no_progress"):
-        if getattr(opts, name):
-            flags.append(f"--{name.replace('_', '-')}")
-    return flags
+def shared_settings(opts: argparse.Namespace) -> dict:
+    """RunConfig settings every run gets from this command line."""
+    names = ("device", "depth", "width", "batch_size", "data", "train_subset", "test_subset", "amp", "compile", "no_progress")
+    return {name: getattr(opts, name) for name in names}
 
 
-def trial_args(run: Run, opts: argparse.Namespace) -> argparse.Namespace:
-    """The blockdpr.train settings of one run (resume if it has a checkpoint)."""
-    argv = [*shared_flags(opts), *run.flags, *opts.train_args, "--seed", str(run.seed), "--out", str(run.out)]
-    if run.status() == "partial":
-        argv.append("--resume")
-    try:
-        (args,) = train_lib.parse_trials(argv)
-    except SystemExit as e:  # argparse already printed the reason
-        raise SystemExit(f"invalid training flags for {run.out}: {' '.join(argv)}") from e
-    return args
+def trial_config(run: Run, opts: argparse.Namespace) -> RunConfig:
+    """The validated blockdpr.train config of one run (resume if it has a checkpoint); --train-args last."""
+    config = RunConfig(**{**shared_settings(opts), **run.settings, **opts.train_overrides},
+                       seed=run.seed, out=run.out, resume=run.status() == "partial")
+    errors = config.errors()
+    if errors:
+        raise ConfigError([f"invalid training settings for {run.out}: {e}" for e in errors])
+    return config.resolved()
 
 
-def check_existing(run: Run, args: argparse.Namespace) -> None:
+def check_existing(run: Run, args: RunConfig) -> None:
     """A run directory that already holds a run must hold this run (not one with other settings)."""
     config_file = run.out / "config.json"
     if run.status() == "new" or not config_file.is_file():
         return
-    config = json.loads(config_file.read_text())
+    config = saved_config(run.out).to_json()  # ConfigError if garbled
     keys = ("mode", "sparsity", "seed", "epochs", "depth", "width", "batch_size", "train_subset", "dpr_stop_epoch")
     different = [f"{k}: {config.get(k)!r} there, {getattr(args, k)!r} planned" for k in keys
                  if k in config and config.get(k) != getattr(args, k) and not (k == "sparsity" and args.mode == "dense")]
@@ -268,20 +263,19 @@ def fork_stop_run(run: Run) -> bool:
     run.out.mkdir(parents=True, exist_ok=True)
     config = json.loads((dpr / "config.json").read_text())
     config.update(dpr_stop_epoch=run.stop_epoch, out=str(run.out), snapshot_epochs=[], forked_from=str(snapshot))
-    (run.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_json(run.out / "config.json", config)
     lines = [line for line in (dpr / "metrics.jsonl").read_text().splitlines() if json.loads(line)["epoch"] < run.stop_epoch]
-    (run.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    if (dpr / "init_weights.pt").is_file():
-        shutil.copyfile(dpr / "init_weights.pt", run.out / "init_weights.pt")
-    tmp = run.out / ".last.pt.fork"
-    shutil.copyfile(snapshot, tmp)
-    os.replace(tmp, run.out / "last.pt")
+    atomic_write_text(run.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    for source, name in ((dpr / "init_weights.pt", "init_weights.pt"), (snapshot, "last.pt")):  # last.pt last
+        if source.is_file():
+            with open(source, "rb") as f:
+                atomic_write(run.out / name, lambda out: shutil.copyfileobj(f, out))
     return True
 
 
 def run_epochs(run: Run) -> int:
     """Epochs a run still has to train (from its checkpoint if it has one)."""
-    total = int(run.flags[run.flags.index("--epochs") + 1])
+    total = run.settings["epochs"]
     if run.status() == "done":
         return 0
     if run.status() == "partial":
@@ -298,8 +292,7 @@ def show_plan(runs: list[Run], opts: argparse.Namespace) -> None:
     console.print(table)
     epochs = sum(run_epochs(r) for r in runs)
     images = epochs * (opts.train_subset or 50_000)
-    console.print(f"to do: {sum(r.status() != 'done' for r in runs)} runs, {epochs:,} run-epochs = {images:,} training "
-                  f"images: {images / 50_000 / 3600:.1f} h at 50,000 img/s aggregate (evaluation not counted)")
+    console.print(f"to do: {sum(r.status() != 'done' for r in runs)} runs, {epochs:,} run-epochs = {images:,} training images")
 
 
 def execute(opts: argparse.Namespace) -> bool:
@@ -308,9 +301,10 @@ def execute(opts: argparse.Namespace) -> bool:
     started = time.perf_counter()
     show_plan(runs, opts)
     if opts.dry_run:
+        console.print(presets.prediction_text(runs, opts))
         return all(r.status() == "done" for r in runs)
     for run in runs:
-        check_existing(run, trial_args(run, opts))
+        check_existing(run, trial_config(run, opts))
     waves = [[r for r in runs if not r.depends], [r for r in runs if r.depends]]
     launched = 0
     for wave in waves:
@@ -324,17 +318,16 @@ def execute(opts: argparse.Namespace) -> bool:
                 console.print(f"[yellow]skipped[/yellow] {', '.join(r.out.name for r in job)}: waiting for "
                               f"{', '.join(sorted({d.name for d in blocked}))}")
                 continue
-            args = [trial_args(r, opts) for r in job]
+            configs = [trial_config(r, opts) for r in job]
             if opts.time_limit is not None:
                 left = opts.time_limit - (time.perf_counter() - started)
                 if left <= 0 and launched:  # the first process always starts (and trains at least one step)
                     console.print("[yellow]--time-limit reached[/yellow]: run the same command again to continue")
                     return False
-                for a in args:
-                    a.stop_after = max(left, 0.0)
+                configs = [dataclasses.replace(c, stop_after=max(left, 0.0)) for c in configs]
             launched += 1
             console.print(f"[bold]training {len(job)} run(s) together:[/bold] {', '.join(r.out.name for r in job)}")
-            train_lib.train_trials(args)
+            train_lib.train_trials(configs)
     return all(r.status() == "done" for r in runs)
 
 
@@ -534,17 +527,17 @@ def benchmark(opts: argparse.Namespace) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="blockdpr-bench-") as tmp:
         for T in opts.bench_trials:
-            argv = [*shared_flags(opts), "--mode", "dpr", "--sparsity", "0.9", "--epochs", str(opts.bench_epochs),
-                    "--train-subset", str(opts.bench_images), "--test-subset", str(min(opts.bench_images, 1000)),
-                    "--seeds", ",".join(str(s) for s in range(T)), "--out", str(Path(tmp) / f"T{T}-seed{{seed}}")]
-            trials = train_lib.parse_trials(argv)
+            settings = {**shared_settings(opts), "train_subset": opts.bench_images,
+                        "test_subset": min(opts.bench_images, 1000)}
+            trials = [RunConfig(**settings, mode="dpr", sparsity=0.9, epochs=opts.bench_epochs, seed=s,
+                                out=Path(tmp) / f"T{T}-seed{s}").check() for s in range(T)]
             train_lib.train_trials(trials)
             last = json.loads((trials[0].out / "metrics.jsonl").read_text().splitlines()[-1])
             config = json.loads((trials[0].out / "config.json").read_text())
             results.append({"trials": T, "aggregate_images_per_s": T * last["images_per_s"],
                             "per_trial_images_per_s": last["images_per_s"], "device": config["device_name"],
                             "amp": opts.amp, "compile": opts.compile, "batch_size": opts.batch_size,
-                            "model": f"WRN-{opts.depth}-{opts.width}", "torch": config["versions"]["torch"]})
+                            "model": f"WRN-{opts.depth}-{opts.width}", "torch": config["provenance"]["versions"]["torch"]})
     base = results[0]["aggregate_images_per_s"]
     table = Table(title=f"element-mode DPR WRN-{opts.depth}-{opts.width}, sparsity 0.9, on {results[0]['device']}")
     for col in ("trials per process", "aggregate img/s", "per trial img/s", f"vs T={results[0]['trials']}"):
@@ -574,17 +567,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m blockdpr.reproduce",
         description="Reproduce Figure 1 of Mostafa & Wang (DPR on WRN-28-2, CIFAR-10): plan and run the matrix of "
                     "runs (skipping finished ones, resuming interrupted ones), then write the table and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("matrix (paper defaults)")
-    g.add_argument("--sparsities", type=lambda s: train_lib.number_list(s, float), default=[0.9, 0.8], metavar="S,S")
+    presets.add_preset_argument(g)
+    add_list_argument(g, "--sparsities", type=float, default=[0.9, 0.8], metavar="S,S")
     g.add_argument("--trials", type=int, default=5, help="trials (seeds) per condition")
     g.add_argument("--first-seed", type=int, default=0, help="trial k uses seed first-seed + k")
     g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS),
                    help=f"subset of {','.join(CONDITIONS)} (stop: the stop-epoch sweep); dependencies are added")
     g.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
                    help="epochs of every run but gmp; the paper's schedule is scaled by epochs / 200 (e.g. --epochs 30)")
-    g.add_argument("--stop-epochs", type=train_lib.number_list, default=list(PAPER_STOP_EPOCHS),
+    add_list_argument(g, "--stop-epochs", type=int, default=list(PAPER_STOP_EPOCHS),
                    help="the stop-epoch sweep in epochs of the 200-epoch schedule (scaled with --epochs)")
     g.add_argument("--gmp-epochs", type=int, default=None,
                    help=f"gmp fine-tuning epochs (default: the paper's {GMP_PAPER_EPOCHS}, whatever --epochs; "
@@ -624,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("throughput")
     g.add_argument("--benchmark", action="store_true",
                    help="measure aggregate training img/s of element-mode DPR for each --bench-trials, then exit")
-    g.add_argument("--bench-trials", type=train_lib.number_list, default=[1, 4, 8, 16],
+    add_list_argument(g, "--bench-trials", type=int, default=[1, 4, 8, 16],
                    help="trials per process to measure (the first is the baseline)")
     g.add_argument("--bench-images", type=int, default=10_000, help="training images per epoch in the benchmark")
     g.add_argument("--bench-epochs", type=int, default=2, help="epochs per measurement (the last one is reported)")
@@ -634,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
+    presets.apply_preset(parser, argv)
     opts = parser.parse_args(argv)
     errors = []
     if opts.trials < 1:
@@ -653,6 +648,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         errors.append("--bench-trials, --bench-images and --bench-epochs must be positive")
     if errors:
         parser.error("; ".join(errors))
+    try:
+        (extra,), given = train_lib.configs_from_argv(opts.train_args)
+    except ConfigError as e:
+        parser.error(f"--train-args: {'; '.join(e.errors)}")
+    per_run = {"seed", "out", "resume"}
+    if given & per_run:
+        parser.error(f"--train-args cannot set {sorted(given & per_run)}: reproduce sets them for each run")
+    opts.train_overrides = {k: getattr(extra, k) for k in given}
     conditions = set(opts.conditions)
     if conditions & {"reinit", "orig-init"}:
         conditions.add("dpr")
@@ -668,12 +671,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI in-process: 0 when every planned run is finished, 3 when some are not (errors exit
+    as blockdpr.train's do: 2 for bad settings or run directories, 1 for a diverged run, 128 + N
+    for signal N)."""
+    try:
+        return run_main(argv)
+    except (ConfigError, CheckpointError, train_lib.DataError, OSError) as e:
+        raise train_lib.error_exit(e.errors if isinstance(e, ConfigError) else [str(e)], 2) from None
+    except train_lib.Diverged as e:
+        raise train_lib.error_exit([f"training diverged: {e}"], 1) from None
+    except train_lib.Stopped as e:
+        console.print(escape(f"{e}: run the same command again to continue"), highlight=False)
+        raise SystemExit(128 + e.signum) from None
+
+
+def run_main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.benchmark:
         benchmark(opts)
         return 0
     if opts.aggregate_only is not None:
-        report(opts.aggregate_only or [opts.root], opts.results)
+        rows = report(opts.aggregate_only or [opts.root], opts.results)
+        if opts.preset:
+            presets.write_report(rows, opts.results)
         return 0
     s = opts.schedule
     console.print(f"schedule: {s.epochs} epochs, lr x0.2 at {list(s.milestones)}, realloc periods {s.realloc_periods}, "
@@ -683,7 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.dry_run:
         return 0
     if any(opts.root.rglob("summary.json")):
-        report([opts.root], opts.results)
+        rows = report([opts.root], opts.results)
+        if opts.preset:
+            presets.write_report(rows, opts.results)
     if not complete:
         console.print("[yellow]not every run is finished[/yellow]: run the same command again to continue")
         return 3

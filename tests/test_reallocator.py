@@ -38,8 +38,18 @@ def test_split_regrowth_is_exact_and_within_capacity(pairs, seed, data):
     free = np.array([p[1] for p in pairs])
     total = data.draw(st.integers(0, int(free.sum())))
     r = split_regrowth(surviving, free, total, np.random.default_rng(seed))
-    assert r.sum() == total
+    assert r.dtype == np.int64 and r.sum() == total
     assert (r >= 0).all() and (r <= free).all()
+
+
+@given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 50)), min_size=1, max_size=30), st.integers(1, 100))
+@settings(max_examples=50, deadline=None)
+def test_split_regrowth_rejects_totals_above_the_free_units(pairs, excess):
+    surviving = np.array([p[0] for p in pairs])
+    free = np.array([p[1] for p in pairs])
+    total = int(free.sum()) + excess
+    with pytest.raises(ValueError, match=f"cannot regrow {total} units: only {int(free.sum())} free"):
+        split_regrowth(surviving, free, total, np.random.default_rng(0))
 
 
 def test_split_regrowth_is_proportional_when_nothing_caps():
@@ -50,6 +60,57 @@ def test_split_regrowth_is_proportional_when_nothing_caps():
 def test_split_regrowth_rejects_impossible_totals():
     with pytest.raises(ValueError, match="cannot regrow 11 units"):
         split_regrowth(np.array([1, 1]), np.array([5, 5]), 11, np.random.default_rng(0))
+
+
+def test_split_regrowth_passes_a_capped_tensors_excess_on_in_proportion():
+    # shares 2, 2, 16 (of 20); tensors 0 and 2 can take only 1 and 5, so tensor 1 takes the other 14
+    r = split_regrowth(np.array([10, 10, 80]), np.array([1, 100, 5]), 20, np.random.default_rng(0))
+    assert r.tolist() == [1, 14, 5]
+    # the excess of a capped tensor is shared by the others in proportion to their survivors
+    r = split_regrowth(np.array([10, 20, 70]), np.array([100, 100, 0]), 30, np.random.default_rng(0))
+    assert r.tolist() == [10, 20, 0]
+
+
+def test_split_regrowth_rounds_each_share_down_or_up():
+    """The issue's example: shares are 0.72 for each small tensor and 16.8 for the large one."""
+    surviving, free = np.array([3] * 10 + [70]), np.array([10**6] * 11)
+    for seed in range(50):
+        r = split_regrowth(surviving, free, 24, np.random.default_rng(seed))
+        assert r.sum() == 24
+        assert set(r[:10].tolist()) <= {0, 1} and r[10] in (16, 17), r.tolist()
+
+
+def _wrn28_2_regrowth_problem():
+    """Per-tensor surviving and free weights and K of a WRN-28-2 reallocation at sparsity 0.9."""
+    sizes = np.array([16 * 32 * 9] + [32 * 32 * 9] * 7 + [32 * 64 * 9] + [64 * 64 * 9] * 7
+                     + [64 * 128 * 9] + [128 * 128 * 9] * 7)
+    active = sizes // 10
+    pruned = np.round(active * 20_000 / active.sum()).astype(np.int64)
+    return active - pruned, sizes - active, int(pruned.sum())
+
+
+@pytest.mark.parametrize("problem", [
+    (np.array([3] * 10 + [70]), np.array([10**6] * 11), 24),
+    _wrn28_2_regrowth_problem(),
+], ids=["issue-example", "wrn-28-2"])
+def test_split_regrowth_has_no_bias_between_tensors(problem):
+    """Over many reallocations each tensor gets its exact share (l_i / L) K on average."""
+    surviving, free, total = problem
+    exact = total * surviving / surviving.sum()
+    assert (exact <= free).all(), "the capacities must not bind here"
+    calls = 3000
+    mean = np.mean([split_regrowth(surviving, free, total, np.random.default_rng([7, i])) for i in range(calls)], axis=0)
+    bias = mean - exact
+    assert np.abs(bias).max() < 0.05, f"mean bias per tensor (units per reallocation): {np.round(bias, 3).tolist()}"
+
+
+def test_split_regrowth_is_unbiased_when_a_tensor_is_capped():
+    """The large tensor can take only 3 of its 9.4; the other 7 are shared 1 : 2 : 3, each in expectation."""
+    surviving, free, total = np.array([1, 2, 3, 94]), np.array([50, 50, 50, 3]), 10
+    expected = np.append((total - 3) * surviving[:3] / surviving[:3].sum(), 3)
+    rs = np.array([split_regrowth(surviving, free, total, np.random.default_rng([3, i])) for i in range(3000)])
+    assert (rs[:, 3] == 3).all() and (rs.sum(axis=1) == total).all()
+    assert np.abs(rs.mean(axis=0) - expected).max() < 0.05, rs.mean(axis=0)
 
 
 @st.composite

@@ -51,11 +51,11 @@ def test_plan_lists_the_matrix_with_dependencies_in_order(tmp_path):
     assert by_name["orig-init-s0.9-seed0"].depends == [tmp_path / "dpr-s0.9-seed0"]
     assert by_name["gmp-s0.8-seed1"].depends == [tmp_path / "dense-seed1"]
     assert by_name["dpr-stop6-s0.9-seed1"].depends == [tmp_path / "dpr-s0.9-seed1"], "stop runs continue their DPR run"
-    flags = by_name["dpr-s0.9-seed0"].flags
-    assert flags[flags.index("--dpr-stop-epoch") + 1] == "29"
-    assert flags[flags.index("--snapshot-epochs") + 1] == "2,3,6,9,12,15,18,21,24,27"
+    settings = by_name["dpr-s0.9-seed0"].settings
+    assert settings["dpr_stop_epoch"] == 29
+    assert settings["snapshot_epochs"] == (2, 3, 6, 9, 12, 15, 18, 21, 24, 27)
     no_fork = {r.out.name: r for r in plan(parse_args(["--trials", "1", "--epochs", "30", "--no-fork", "--root", str(tmp_path)]))}
-    assert no_fork["dpr-stop6-s0.9-seed0"].depends == [] and "--snapshot-epochs" not in no_fork["dpr-s0.9-seed0"].flags
+    assert no_fork["dpr-stop6-s0.9-seed0"].depends == [] and "snapshot_epochs" not in no_fork["dpr-s0.9-seed0"].settings
     for i, run in enumerate(runs):  # every dependency is planned before the runs that need it
         assert all(names.index(d.name) < i for d in run.depends)
     # a subset of conditions brings in what it depends on
@@ -186,9 +186,10 @@ def test_help_and_dry_run_from_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "--aggregate-only" in out.stdout and "--trials-per-process" in out.stdout
     out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--dry-run", "--epochs", "30", "--trials", "1",
-                          "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
+                          "--depth", "10", "--width", "1", "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "plan: 31 runs" in out.stderr and not (tmp_path / "r").exists()
+    assert "plan: 31 runs" in out.stderr and "predicted training time on this machine" in out.stderr
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["throughput.json"], "a dry run trains nothing"
 
 
 def test_a_forked_stop_run_equals_one_trained_from_scratch(tmp_path, tiny_cifar, float64):
@@ -197,9 +198,27 @@ def test_a_forked_stop_run_equals_one_trained_from_scratch(tmp_path, tiny_cifar,
     dpr = tmp_path / "dpr"
     train_main([*flags, "--out", str(dpr), "--snapshot-epochs", "2"])
     assert (dpr / "epoch2.pt").is_file()
-    stop = Run("stop", 0.9, 0, 2, tmp_path / "forked", [], [dpr])
+    stop = Run("stop", 0.9, 0, 2, tmp_path / "forked", {}, [dpr])
     assert fork_stop_run(stop) and stop.status() == "partial"
     train_main([*flags, "--out", str(stop.out), "--dpr-stop-epoch", "2", "--resume"])
     train_main([*flags, "--out", str(tmp_path / "scratch"), "--dpr-stop-epoch", "2"])
     assert_runs_match(stop.out, tmp_path / "scratch")
     assert not fork_stop_run(stop), "only a new run is forked"
+
+
+def test_a_garbled_config_of_a_planned_run_is_a_clear_error(tmp_path, capsys):
+    from blockdpr.checkpoint import save_checkpoint
+    run = tmp_path / "r" / "dense-seed0"
+    save_checkpoint({"progress": {"epoch": 0, "step_in_epoch": 1, "global_step": 1}}, run / "last.pt")
+    (run / "config.json").write_text('{"mode": "dense", "seed"')
+    with pytest.raises(SystemExit) as e:
+        main(["--conditions", "dense", "--trials", "1", "--epochs", "2", "--device", "cpu", "--root", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "config.json is unreadable or garbled" in err and "Traceback" not in err
+
+
+def test_help_shows_each_default_once():
+    entries = reproduce.build_parser().format_help().split("\n  --")[1:]
+    assert len(entries) > 15
+    for entry in entries:
+        assert entry.lower().count("(default") <= 1, entry

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from blockdpr.models import WideResNet
 from blockdpr.stacked import (StackedWideResNet, load_trial_optimizer_state_dicts, per_trial_cross_entropy,
                               stacked_input, trial_optimizer_state_dict)
-from blockdpr.train import main, parse_trials, train_trials
+from blockdpr.config import ConfigError
+from blockdpr.train import main, parse_configs, train_trials
 from tiny import TINY, assert_runs_match, metric_rows
 
 def plain_models(seeds, depth=10, width=1):
@@ -81,15 +82,15 @@ def test_trials_of_one_process_may_differ_in_sparsity_and_stop_epoch(tmp_path, t
     flags = [*TINY, "--data", str(tiny_cifar), "--train-subset", "60", "--test-subset", "20", "--epochs", "2",
              "--realloc-periods", "0:1", "--target-pruned", "300"]
     own = [["--seed", "0", "--sparsity", "0.8", "--dpr-stop-epoch", "1"], ["--seed", "3", "--sparsity", "0.9"]]
-    trials = [parse_trials([*flags, *f, "--out", str(tmp_path / f"group{i}")])[0] for i, f in enumerate(own)]
+    trials = [parse_configs([*flags, *f, "--out", str(tmp_path / f"group{i}")])[0] for i, f in enumerate(own)]
     train_trials(trials)
     for i, f in enumerate(own):
         main([*flags, *f, "--out", str(tmp_path / f"alone{i}")])
         assert_runs_match(tmp_path / f"group{i}", tmp_path / f"alone{i}")
     assert [r["weights_moved"] > 0 for r in metric_rows(tmp_path / "group0")] == [True, False]
     assert all(r["weights_moved"] > 0 for r in metric_rows(tmp_path / "group1"))
-    mismatched = parse_trials([*flags, "--seed", "1", "--lr", "0.05", "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="these differ"):
+    mismatched = parse_configs([*flags, "--seed", "1", "--lr", "0.05", "--out", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="these differ"):
         train_trials([trials[0], *mismatched])
 
 
@@ -112,7 +113,7 @@ def test_stacked_gmp_and_stop_then_resume(tmp_path, tiny_cifar, float64):
 @pytest.mark.parametrize("flags, message", [
     (["--seeds", "0,1", "--out", "runs/x"], "must contain {seed}"),
     (["--seeds", "0,0", "--out", "runs/x{seed}"], "must be distinct"),
-    (["--seeds", "a,b"], "comma-separated integers"),
+    (["--seeds", "a,b"], "'a' is not a valid int"),
 ])
 def test_bad_seed_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

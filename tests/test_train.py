@@ -46,7 +46,7 @@ def test_all_modes_run_and_depend_on_each_other(tmp_path, tiny_cifar):
     data = ["--data", str(tiny_cifar), "--epochs", "2"]
     dpr, s = run(tmp_path, "dpr", *data, "--realloc-periods", "0:2", "--target-pruned", "300")
     config = json.loads((dpr / "config.json").read_text())
-    assert config["data"]["description"] == "CIFAR-10 (official python batches)"
+    assert config["dataset"]["description"] == "CIFAR-10 (official python batches)"
     assert config["parameters"]["sparse_tensor_sparsity"] == pytest.approx(0.9, abs=1e-3)
     rows = metric_rows(dpr)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -71,21 +71,24 @@ def test_all_modes_run_and_depend_on_each_other(tmp_path, tiny_cifar):
 
 
 def test_orig_init_requires_a_finished_run(tmp_path, tiny_cifar, capsys):
-    with pytest.raises(SystemExit, match="not a finished run"):
+    with pytest.raises(SystemExit) as e:
         main([*TINY, "--data", str(tiny_cifar), "--out", str(tmp_path / "x"), "--mode", "orig-init",
               "--structure-from", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "not a finished run" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "nothing is written before the settings are checked"
 
 
 def test_existing_run_needs_resume_and_incompatible_checkpoint_is_refused(tmp_path, tiny_cifar, capsys):
     data = ["--data", str(tiny_cifar), "--epochs", "1"]
     out, _ = run(tmp_path, "a", *data)
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit) as e:
         run(tmp_path, "a", *data)
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
     (out / "summary.json").unlink()
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "a", *data, "--resume", "--sparsity", "0.8")
     assert e.value.code == 2
-    assert "sparsity: checkpoint has 0.9, this run has 0.8" in capsys.readouterr().err
+    assert "--sparsity: the run has 0.9, the command line gives 0.8" in capsys.readouterr().err
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_cifar):

@@ -67,10 +67,11 @@ def test_block_run_stopped_mid_epoch_resumes_exactly(tmp_path, tiny_cifar):
 def test_block_mode_errors_are_clear(tmp_path, tiny_cifar, capsys):
     out = tmp_path / "run"
     main([*TINY, *BLOCK, "--data", str(tiny_cifar), "--epochs", "1", "--out", str(out), "--stop-after", "0"])
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main([*TINY, "--data", str(tiny_cifar), "--epochs", "1", "--out", str(out), "--resume"])
+        main([*TINY, "--data", str(tiny_cifar), "--epochs", "1", "--out", str(out), "--resume", "--granularity", "element"])
     assert e.value.code == 2
-    assert "granularity: checkpoint has 'block', this run has 'element'" in capsys.readouterr().err
+    assert "--granularity: the run has 'block', the command line gives 'element'" in capsys.readouterr().err
     for flags, message in ((["--block-size", "24"], "--block-size must be one of"),
                            (["--keep-momentum"], "--keep-momentum has no meaning in block mode"),
                            (["--seeds", "0,1", "--out", "x{seed}"], "one trial per process")):

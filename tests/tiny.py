@@ -56,4 +56,4 @@ def assert_runs_match(a: Path, b: Path) -> None:
         assert all(torch.equal(ca["masks"][k], cb["masks"][k]) for k in ca["masks"])
     for i, s in ca["optimizer"]["state"].items():
         torch.testing.assert_close(s["momentum_buffer"], cb["optimizer"]["state"][i]["momentum_buffer"], rtol=1e-9, atol=1e-9)
-    assert ca["threshold"] == cb["threshold"]
+    assert ca["reallocator"] == cb["reallocator"]

@@ -43,7 +43,7 @@ class ElementSparsity(SparseStructure):
                 raise ValueError(f"mask of {name} must be bool {tuple(p.shape)}, got {m.dtype} {tuple(m.shape)}")
         self.names = list(params)
         self.params = list(params.values())
-        self.masks = [masks[n].to(p.device) for n, p in zip(self.names, self.params)]
+        self.masks = [masks[n].to(p.device).clone() for n, p in zip(self.names, self.params)]  # owned: updated in place
         self.block = None if block is None else tuple(block)
         self.segments = Segments(unit_counts(self.params, self.block), self.params[0].device)
         self.dense_numels = [p.numel() for p in self.params]
@@ -110,7 +110,7 @@ class ElementSparsity(SparseStructure):
                 for value in optimizer.state.get(p, {}).values():
                     if torch.is_tensor(value) and value.shape == p.shape:
                         value.mul_(keep)
-        self.masks = new
+        torch._foreach_copy_(self.masks, new)  # in place: a captured CUDA graph keeps reading these tensors
 
     # ---- reporting and persistence --------------------------------------------------------
     def nonzero_counts(self) -> list[int]:
@@ -118,7 +118,7 @@ class ElementSparsity(SparseStructure):
         return torch.stack([m.sum() for m in self.masks]).tolist()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: m.cpu() for n, m in zip(self.names, self.masks)}
+        return {n: m.cpu().clone() for n, m in zip(self.names, self.masks)}
 
     def load_state_dict(self, masks: dict[str, torch.Tensor]) -> None:
         if list(masks) != self.names:
@@ -126,7 +126,7 @@ class ElementSparsity(SparseStructure):
         for n, m, p in zip(self.names, masks.values(), self.params):
             if m.shape != p.shape or m.dtype != torch.bool:
                 raise ValueError(f"mask of {n} must be bool {tuple(p.shape)}, got {m.dtype} {tuple(m.shape)}")
-        self.masks = [m.to(p.device) for m, p in zip(masks.values(), self.params)]
+        torch._foreach_copy_(self.masks, [m.to(p.device) for m, p in zip(masks.values(), self.params)])
 
 
 def unit_counts(params: list[torch.Tensor], block: tuple[int, int] | None) -> list[int]:

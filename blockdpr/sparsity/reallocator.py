@@ -18,11 +18,13 @@ is one small transfer of the per-tensor counts (needed for the exact integer spl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .regrowth import split_regrowth
 from .select import Segments, seeded_generator
 
 
@@ -63,37 +65,13 @@ class ReallocationResult:
         return int(self.pruned_per_tensor.sum())
 
 
-def split_regrowth(
-    surviving: np.ndarray, free: np.ndarray, total: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Split `total` regrown units over tensors in proportion to `surviving`, exactly.
-
-    surviving, free: int64 [T]. Returns int64 [T] r with r.sum() == total and r <= free.
-    Floors of the proportional shares first; what a full tensor could not take is shared again
-    among the others; the last remainder goes one unit each to random tensors that have room.
-    Raises ValueError if the tensors do not have `total` free units between them.
-    """
-    surviving = np.asarray(surviving, dtype=np.int64)
-    free = np.asarray(free, dtype=np.int64)
-    if free.sum() < total:
-        raise ValueError(f"cannot regrow {total} units: only {int(free.sum())} free units in all tensors")
-    r = np.zeros_like(free)
-    while (left := total - int(r.sum())) > 0:
-        open_ = np.flatnonzero(free > r)
-        weights = surviving[open_].astype(np.float64)
-        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(open_), 1 / len(open_))
-        share = np.minimum(np.floor(weights * left).astype(np.int64), (free - r)[open_])
-        if share.sum() == 0:  # the remainder: one unit each to random tensors with room
-            share[rng.choice(len(open_), size=min(left, len(open_)), replace=False)] = 1
-        r[open_] += share
-    return r
-
-
 class Reallocator:
     """Algorithm 1 over the units of T sparse tensors with `sizes` units each.
 
-    The threshold H is the only state; it is a Python float so that checkpoints and logs read it
-    directly. Randomness comes from generators seeded by (seed, step).
+    The threshold H is the only state (`state_dict` / `load_state_dict`); it is a Python float so
+    that checkpoints and logs read it directly. Randomness comes from generators seeded by (seed,
+    step). A reallocation refuses non-finite scores (FloatingPointError, nothing changed): a NaN
+    weight must never be pruned into a masked NaN.
     """
 
     def __init__(self, sizes: list[int], config: DPRConfig, seed: int, device: torch.device | str = "cpu"):
@@ -101,6 +79,16 @@ class Reallocator:
         self.config = config
         self.seed = int(seed)
         self.threshold = float(config.initial_threshold)
+
+    def state_dict(self) -> dict:
+        """{"threshold": H}: what a checkpoint needs to continue exactly."""
+        return {"threshold": self.threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        threshold = float(state["threshold"])
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"reallocator state: threshold must be finite and positive, got {threshold}")
+        self.threshold = threshold
 
     def reallocate(self, scores: torch.Tensor, mask: torch.Tensor, step: int) -> ReallocationResult:
         """One reallocation.
@@ -126,9 +114,13 @@ class Reallocator:
         survived |= strongest
         pruned = mask & ~survived
 
-        # The one host sync: per-tensor pruned, surviving and free counts (3 x T ints).
-        counts = torch.stack([seg.count(pruned), seg.count(survived), seg.count(~mask)]).cpu().numpy()
-        k, l, free = counts
+        # The one host sync: per-tensor pruned, surviving, free and non-finite counts (4 x T ints).
+        counts = torch.stack([seg.count(pruned), seg.count(survived), seg.count(~mask),
+                              seg.count(~torch.isfinite(scores))]).cpu().numpy()
+        k, l, free, nonfinite = counts
+        if nonfinite.any():
+            raise FloatingPointError(f"non-finite (NaN or infinite) weights in sparse tensors {np.flatnonzero(nonfinite).tolist()}: "
+                                     "training diverged, refusing to reallocate")
         total_pruned = int(k.sum())
 
         # 2. Move H toward the target pruned count (affects the next reallocation).

@@ -1,0 +1,294 @@
+"""What a training run is: one frozen, validated RunConfig, built from the command line.
+
+`python -m blockdpr.train` parses its flags into one RunConfig per trial (blockdpr/train.py);
+`RunConfig.errors()` checks every setting in one place, before anything is written, and
+`ConfigError` carries one line per problem (the CLI prints them and exits 2).
+`python -m blockdpr.reproduce` builds RunConfigs directly (`RunConfig(...)` / `dataclasses.replace`).
+
+A run directory's config.json holds `to_json()` at its top level; `RunConfig.from_json` reads it
+back, so `--resume` continues with the run's own settings (`resume_config`): a flag given on the
+command line that contradicts them is refused, naming each difference. PROCESS_SETTINGS may
+change between the processes of one run (how it runs, not what it computes); those of
+KEPT_ON_RESUME are kept from the run unless given again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blockdpr_kernels import CONV_BLOCKS
+
+
+MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
+# The compressed baseline's fine-tuning schedule (DSR paper): 48 epochs, lr 0 / 0.02 / 0.004 / 0.0008.
+GMP_EPOCHS = 48
+GMP_LR_SCHEDULE = ((0, 0.0), (1, 0.02), (25, 0.004), (35, 0.0008))
+PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
+# Settings that may differ between the trials trained together in one process.
+PER_TRIAL = ("seed", "out", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch")
+# Settings of a process, not of the run: a resumed run may change them.
+PROCESS_SETTINGS = ("out", "resume", "overwrite", "device", "compile", "channels_last", "cuda_graph", "no_progress",
+                    "progress_seconds", "checkpoint_every", "checkpoint_minutes", "snapshot_epochs", "stop_after",
+                    "download")
+# Process settings a resumed run keeps from its config.json unless the command line gives them.
+KEPT_ON_RESUME = ("snapshot_epochs", "checkpoint_every", "checkpoint_minutes", "progress_seconds")
+
+Schedule = tuple[tuple[int, float], ...]  # ((epoch, value), ...), first epoch 0, increasing
+
+
+class ConfigError(ValueError):
+    """Settings that cannot make a run; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one training run (one trial). Paper defaults; see `build_parser` for each."""
+
+    # run
+    mode: str = "dpr"
+    granularity: str = "element"
+    block_size: int = 32
+    out: Path | None = None  # None: default_out()
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    amp: bool = False
+    channels_last: bool = False
+    cuda_graph: bool = False
+    no_progress: bool = False
+    progress_seconds: float = 30.0
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
+    snapshot_epochs: tuple[int, ...] = ()
+    stop_after: float | None = None
+    structure_from: Path | None = None
+    dense_from: Path | None = None
+    # data
+    data: Path | None = None
+    download: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    # model
+    depth: int = 28
+    width: int = 2
+    # optimisation
+    epochs: int | None = None  # None: 200, or GMP_EPOCHS for gmp
+    batch_size: int = 100
+    lr: float = 0.1
+    lr_milestones: tuple[int, ...] = (60, 120, 160)
+    lr_gamma: float = 0.2
+    lr_schedule: Schedule | None = None  # None: from lr, milestones and gamma (gmp: GMP_LR_SCHEDULE)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # sparsity and DPR
+    sparsity: float = 0.9
+    target_pruned: int | None = None  # None: 20,000 weights (in blocks: round(20,000 / block_size^2))
+    tolerance: float = 0.1
+    initial_threshold: float = 0.001
+    realloc_periods: Schedule = PAPER_REALLOC_PERIODS
+    dpr_stop_epoch: int = 190
+    keep_momentum: bool = False
+    gmp_steps: int = 20
+    gmp_interval: int = 2
+
+    def resolved(self) -> "RunConfig":
+        """This config with every None default filled in (epochs, lr_schedule, target_pruned, out)."""
+        epochs = self.epochs if self.epochs is not None else (GMP_EPOCHS if self.mode == "gmp" else 200)
+        schedule = self.lr_schedule
+        if schedule is None:
+            schedule = GMP_LR_SCHEDULE if self.mode == "gmp" else ((0, self.lr),) + tuple(
+                (m, self.lr * self.lr_gamma ** (i + 1)) for i, m in enumerate(sorted(self.lr_milestones)))
+        target = self.target_pruned
+        if target is None:
+            target = 20_000 if self.granularity == "element" else max(1, round(20_000 / self.block_size ** 2))
+        out = self.out if self.out is not None else default_out(self)
+        return dataclasses.replace(self, epochs=epochs, lr_schedule=tuple(schedule), target_pruned=target, out=out)
+
+    def errors(self) -> list[str]:
+        """Every problem of these settings, one line each, naming the flag (empty: valid)."""
+        e = []
+
+        def need(ok: bool, flag: str, what: str, value: Any) -> None:
+            if not ok:
+                e.append(f"--{flag} must be {what}, got {value!r}")
+
+        finite = math.isfinite
+        need(self.mode in MODES, "mode", f"one of {MODES}", self.mode)
+        need(self.granularity in ("element", "block"), "granularity", "element or block", self.granularity)
+        need(0 < self.sparsity < 1, "sparsity", "in (0, 1)", self.sparsity)
+        for flag, value in (("epochs", self.epochs), ("batch-size", self.batch_size), ("width", self.width),
+                            ("target-pruned", self.target_pruned), ("gmp-steps", self.gmp_steps),
+                            ("gmp-interval", self.gmp_interval), ("train-subset", self.train_subset),
+                            ("test-subset", self.test_subset)):
+            need(value is None or value > 0, flag, "positive", value)
+        need(self.depth >= 10 and (self.depth - 4) % 6 == 0, "depth", "6n + 4 with n >= 1 (10, 16, 22, 28, ...)", self.depth)
+        need(finite(self.lr) and self.lr >= 0, "lr", "finite and >= 0", self.lr)
+        need(finite(self.lr_gamma) and self.lr_gamma > 0, "lr-gamma", "finite and > 0", self.lr_gamma)
+        if self.lr_schedule is not None:
+            bad = [v for _, v in self.lr_schedule if not (finite(v) and v >= 0)]
+            need(not bad, "lr-schedule", "learning rates that are finite and >= 0", bad)
+            e += schedule_errors(self.lr_schedule, "lr-schedule")
+        need(finite(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "weight-decay", "finite and >= 0", self.weight_decay)
+        need(finite(self.tolerance) and 0 <= self.tolerance < 1, "tolerance", "in [0, 1)", self.tolerance)
+        need(finite(self.initial_threshold) and self.initial_threshold > 0, "initial-threshold", "finite and > 0",
+             self.initial_threshold)
+        e += schedule_errors(self.realloc_periods, "realloc-periods")
+        need(all(p > 0 for _, p in self.realloc_periods), "realloc-periods", "positive periods", self.realloc_periods)
+        for flag, value in (("dpr-stop-epoch", self.dpr_stop_epoch), ("checkpoint-every", self.checkpoint_every),
+                            ("stop-after", self.stop_after), ("checkpoint-minutes", self.checkpoint_minutes),
+                            ("progress-seconds", self.progress_seconds)):
+            need(value is None or (finite(value) and value >= 0), flag, ">= 0", value)
+        need(all(s > 0 for s in self.snapshot_epochs), "snapshot-epochs", "positive epochs", self.snapshot_epochs)
+        if self.granularity == "block":
+            need(self.block_size in CONV_BLOCKS, "block-size", f"one of {CONV_BLOCKS}", self.block_size)
+        elif self.block_size != RunConfig.block_size:
+            e.append(f"--block-size {self.block_size} has no meaning in element mode (add --granularity block)")
+        if self.granularity == "block" and self.keep_momentum:
+            e.append("--keep-momentum has no meaning in block mode: a pruned block's state is dropped with it")
+        if self.mode in ("reinit", "orig-init") and self.structure_from is None:
+            e.append(f"--mode {self.mode} needs --structure-from DIR (a finished --mode dpr run)")
+        if self.mode == "gmp" and self.dense_from is None:
+            e.append("--mode gmp needs --dense-from DIR (a finished --mode dense run)")
+        if self.mode == "gmp" and self.epochs is not None and self.gmp_steps * self.gmp_interval > self.epochs:
+            e.append(f"--mode gmp prunes until epoch {self.gmp_steps * self.gmp_interval}, beyond --epochs {self.epochs}")
+        e += device_errors(self.device, self.cuda_graph)
+        if self.cuda_graph and self.compile:
+            e.append("--cuda-graph and --compile exclude each other (torch.compile has its own graphs: mode='reduce-overhead')")
+        return e
+
+    def check(self) -> "RunConfig":
+        """The resolved config, or ConfigError listing every problem."""
+        errors = self.errors()
+        if errors:
+            raise ConfigError(errors)
+        return self.resolved()
+
+    def to_json(self) -> dict:
+        """JSON-ready dict of every field (paths as strings, tuples as lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RunConfig":
+        """The config saved by to_json (other keys of config.json are ignored)."""
+        kwargs = {}
+        for f in fields(cls):
+            if f.name in obj:
+                kwargs[f.name] = _from_jsonable(f.name, obj[f.name])
+        return cls(**kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+_PATHS = ("out", "structure_from", "dense_from", "data")
+_SCHEDULES = ("lr_schedule", "realloc_periods")
+
+
+def _from_jsonable(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _PATHS:
+        return Path(value)
+    if name in _SCHEDULES:
+        return tuple((int(e), v) for e, v in value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def schedule_errors(schedule: Schedule, flag: str) -> list[str]:
+    epochs = [e for e, _ in schedule]
+    if not epochs or epochs[0] != 0 or epochs != sorted(set(epochs)):
+        return [f"--{flag}: epochs must start at 0 and increase, got {list(epochs)}"]
+    return []
+
+
+def device_errors(name: str, cuda_graph: bool) -> list[str]:
+    """Problems with --device (and --cuda-graph, which needs CUDA)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return [f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"]
+    if device.type not in ("cpu", "cuda"):
+        return [f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return [f"--device {name}: CUDA is not available on this machine (use --device cpu)"]
+    if cuda_graph and device.type != "cuda":
+        return [f"--cuda-graph needs a CUDA device, got --device {name} (CUDA graphs only run on NVIDIA GPUs)"]
+    return []
+
+
+def default_out(config: RunConfig) -> Path:
+    """runs/<mode>[-<granularity>-s<sparsity>]-seed<seed>, e.g. runs/dpr-element-s0.9-seed0, runs/dpr-block32-s0.9-seed0."""
+    if config.mode == "dense":
+        return Path("runs") / f"dense-seed{config.seed}"
+    unit = "element" if config.granularity == "element" else f"block{config.block_size}"
+    return Path("runs") / f"{config.mode}-{unit}-s{config.sparsity}-seed{config.seed}"
+
+
+def value_at(schedule: Schedule, epoch: int) -> float:
+    """The value of a piecewise-constant schedule at `epoch`."""
+    return [v for e, v in schedule if e <= epoch][-1]
+
+
+def with_seed(path: Path | None, seed: int) -> Path | None:
+    """`path` with its {seed} placeholder filled in."""
+    return None if path is None else Path(str(path).replace("{seed}", str(seed)))
+
+
+def differences(run: RunConfig, wanted: RunConfig, keys: set[str]) -> list[str]:
+    """'--flag: the run has X, the command line gives Y' for each of `keys` (dests) that differ."""
+    a, b = run.resolved(), wanted.resolved()
+    out = []
+    for k in sorted(keys - set(PROCESS_SETTINGS)):
+        k_run, k_new = getattr(a, k, None), getattr(b, k, None)
+        if k_run != k_new:
+            out.append(f"--{k.replace('_', '-')}: the run has {_jsonable(k_run)!r}, the command line gives {_jsonable(k_new)!r}")
+    return out
+
+
+def resume_config(saved: RunConfig, given: RunConfig, keys: set[str]) -> RunConfig:
+    """Resume: the run's saved settings, with the process settings of `given`; ConfigError listing
+    each setting in `keys` (given explicitly) that contradicts the run."""
+    diff = differences(saved, given, keys)
+    if diff:
+        raise ConfigError([f"--resume continues the run in {given.out} with its own settings; these flags contradict "
+                           "them (drop them, or start a new run in another --out):", *diff])
+    process = {k: getattr(given, k) for k in PROCESS_SETTINGS if k in keys or k not in KEPT_ON_RESUME}
+    return dataclasses.replace(saved, **process)
+
+
+def check_trials(configs: list[RunConfig]) -> RunConfig:
+    """The settings shared by trials trained together (they may differ only in PER_TRIAL); returns the first."""
+    if not configs:
+        raise ValueError("no trials to train")
+    skip = set(PER_TRIAL) | {"resume"}
+    first = {f.name: getattr(configs[0], f.name) for f in fields(RunConfig) if f.name not in skip}
+    for c in configs[1:]:
+        different = [k for k, v in first.items() if getattr(c, k) != v]
+        if different:
+            raise ConfigError([f"trials trained together must share all settings but {PER_TRIAL}; these differ: {different}"])
+    outs = [c.out for c in configs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError([f"each trial needs its own run directory, got {[str(o) for o in outs]}"])
+    return configs[0]

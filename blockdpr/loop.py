@@ -1,0 +1,429 @@
+"""The training loop as named parts: setup (Trainer()), one step, end of epoch, finish.
+
+`Trainer(configs).run()` trains T >= 1 trials of one configuration together (one stacked model,
+blockdpr/stacked.py; T = 1 is an ordinary run) and returns their summaries, or Nones when
+--stop-after stopped it (checkpointed). All randomness is a function of (seed, epoch or step), so
+a run resumed from any checkpoint continues exactly as if it had never stopped.
+
+Stopping: SIGINT, SIGTERM and SIGHUP are caught while training; the loop checkpoints at the next
+step and raises Stopped (the CLI prints how to resume and exits 128 + the signal number). A
+non-finite training loss or weight raises Diverged before anything non-finite is checkpointed or
+pruned. Checkpoints also come every --checkpoint-every steps and every --checkpoint-minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import data as data_lib
+from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import escape
+from .config import ConfigError, RunConfig, check_trials, value_at
+from .distributed import Distributed
+from .models import WideResNet, parameter_counts
+from .progress import ProgressReporter
+from .run_dir import open_run_dir, write_config, write_metrics, write_summary
+from .runinfo import atomic_write, provenance
+from .setup import build_sparsity, identity, init_seed, initial_state, resolve_device, save_tensors
+from .signals import STOP_SIGNALS, Stopped, StopSignals
+from .sparsity import DPRConfig, Reallocator, SparseStructure, gmp_pruning_index, gmp_sparsity
+from .sparsity.packed import dense_state_dict
+from .sparsity.select import seeded_generator
+from .stacked import StackedWideResNet, load_trial_optimizer_state_dicts, trial_optimizer, trial_optimizer_state_dict
+from .step import TrainStep, evaluate
+
+console = Console(stderr=True, soft_wrap=True)
+RANK_SYNC_STEPS = 20  # data parallel: ranks agree on time- and signal-driven stops every this many steps
+
+
+class Diverged(FloatingPointError):
+    """The training loss or the weights became NaN or infinite."""
+
+
+@dataclass
+class RunState:
+    """Where a trial is: saved in every checkpoint; the epoch accumulators make mid-epoch resume exact."""
+
+    epoch: int = 0  # epoch in progress
+    step_in_epoch: int = 0  # steps of that epoch already done
+    global_step: int = 0
+    best_test_acc: float = 0.0
+    best_epoch: int = -1  # the epoch best.pt holds (-1: none yet)
+    seconds: float = 0.0  # training time before this process
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    moved: int = 0
+    reallocations: int = 0
+    epoch_seconds: float = 0.0
+    epoch_images: int = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step_in_epoch = epoch, 0
+        self.loss_sum, self.correct, self.seen, self.moved, self.reallocations = 0.0, 0, 0, 0, 0
+        self.epoch_seconds, self.epoch_images = 0.0, 0
+
+
+@dataclass
+class Trial:
+    """One run of a process that may train several: its settings, structure, reallocator and progress."""
+
+    config: RunConfig
+    sparse: dict[str, torch.Tensor]  # its sparse weights (views of the stacked model's parameters)
+    sparsity: SparseStructure | None
+    reallocator: Reallocator | None
+    dense_layers: list[str]  # block mode: sparse convs the block does not tile, kept dense
+    state: RunState = field(default_factory=RunState)
+    records: list[dict] = field(default_factory=list)  # metrics.jsonl: one record per finished epoch
+
+    @property
+    def out(self):
+        return self.config.out
+
+
+def restore_best(out, state: RunState) -> None:
+    """Make best.pt hold the epoch that last.pt says it holds (state.best_epoch). best.pt is written
+    before last.pt, so a kill leaves it right or ahead (rewritten when that epoch is trained again);
+    if it was lost, last.pt taken at the end of that epoch is the same checkpoint."""
+    best = out / "best.pt"
+    if state.best_epoch < 0 or (best.is_file() and load_checkpoint(best)["progress"]["best_epoch"] >= state.best_epoch):
+        return
+    if (state.epoch, state.step_in_epoch) == (state.best_epoch + 1, 0):
+        with open(out / "last.pt", "rb") as f:
+            atomic_write(best, lambda dst: shutil.copyfileobj(f, dst))
+        console.print(f"restored {escape(best)} from last.pt (epoch {state.best_epoch})", highlight=False)
+    else:
+        console.print(f"[yellow]warning:[/yellow] {escape(best)} (epoch {state.best_epoch}) is missing or stale and "
+                      "cannot be rebuilt; it is written again at the next best epoch", highlight=False)
+
+
+class Trainer:
+    """T trials of one configuration trained together; construct (setup), then run()."""
+
+    # ---- setup ----------------------------------------------------------------------------
+    def __init__(self, configs: list[RunConfig]):
+        cfg = self.cfg = check_trials(configs)
+        self.T = T = len(configs)
+        self.dist = dist = Distributed.from_env(resolve_device(cfg.device).type)  # one rank of 1 without torchrun
+        if cfg.cuda_graph and dist.enabled:
+            raise ConfigError(["--cuda-graph trains one rank per process only (no torchrun)"])
+        self.device = device = resolve_device(cfg.device, dist.local_rank)
+        resuming = [c.resume and (c.out / "last.pt").is_file() for c in configs]
+        if any(resuming) and not all(resuming):
+            raise ConfigError(["--resume: some trials have a checkpoint and some do not: resume them separately"])
+        self.resuming = all(resuming)
+        if dist.is_main:
+            for c in configs:
+                open_run_dir(c)
+                console.print(f"run directory: {escape(c.out)}", highlight=False)
+
+        data = data_lib.load_cifar10(cfg.data, download=cfg.download, progress=not cfg.no_progress)
+        self.data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
+
+        initial = [initial_state(c) for c in configs]
+        if dist.is_main and not self.resuming:
+            for c, state in zip(configs, initial):
+                if c.mode == "dpr":
+                    save_tensors(state, c.out / "init_weights.pt")
+        model = StackedWideResNet(T, cfg.depth, cfg.width)
+        model.load_trial_state_dicts(initial)
+        model = model.to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.model = model
+        self.trials = []
+        for c in configs:  # views of the parameters: taken after every move of the model
+            sparse = model.trial_sparse_tensors(len(self.trials))
+            sparsity, dense_layers = build_sparsity(c, sparse, model)
+            if sparsity is not None:
+                sparsity.apply_()
+            if dense_layers and dist.is_main:
+                console.print(f"block size {c.block_size} does not tile {len(dense_layers)} sparse conv(s), kept dense: "
+                              + ", ".join(dense_layers))
+            reallocator = (Reallocator(sparsity.segments.sizes, DPRConfig(c.target_pruned, c.tolerance, c.initial_threshold),
+                                       c.seed, device) if c.mode == "dpr" else None)
+            self.trials.append(Trial(c, sparse, sparsity, reallocator, dense_layers))
+
+        ckpts = [load_checkpoint(t.out / "last.pt", expect=identity(t.config)) for t in self.trials] if self.resuming else []
+        for trial, ckpt in zip(self.trials, ckpts):  # structure first: block mode's packed parameters take its shapes
+            if trial.sparsity is not None:
+                trial.sparsity.load_state_dict(ckpt["masks"])
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=value_at(cfg.lr_schedule, 0), momentum=cfg.momentum,
+                                         nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        if cfg.compile and cfg.granularity == "block":
+            # Packed parameters change shape at every reallocation: let dynamo make that dimension
+            # dynamic (one recompile) instead of specialising on each shape.
+            torch._dynamo.config.force_parameter_static_shapes = False
+        self.net = torch.compile(model) if cfg.compile else model
+        if self.resuming:
+            self._load(ckpts)
+        elif dist.is_main:
+            for trial in self.trials:
+                self._write_config(trial, configs)
+                write_metrics(trial.out, [])
+        self.step_fn = TrainStep(model, self.net, self.optimizer, [t.sparsity for t in self.trials],
+                                 [t.sparse for t in self.trials], dist, cfg.amp, cfg.channels_last, graph=cfg.cuda_graph)
+        self.steps_per_epoch = math.ceil(len(self.data.train_images) / cfg.batch_size)
+
+    def _load(self, ckpts: list[dict]) -> None:
+        where = {(c["progress"]["epoch"], c["progress"]["step_in_epoch"], c["progress"]["global_step"]) for c in ckpts}
+        if len(where) > 1:
+            raise ConfigError([f"the trials' checkpoints are at different points {sorted(where)}: resume them separately"])
+        self.model.load_trial_state_dicts([c["model"] for c in ckpts])
+        load_trial_optimizer_state_dicts(self.model, self.optimizer, [c["optimizer"] for c in ckpts])
+        for trial, ckpt in zip(self.trials, ckpts):
+            if trial.reallocator is not None:
+                trial.reallocator.load_state_dict(ckpt["reallocator"])
+            trial.state = RunState(**ckpt["progress"])
+            trial.records = list(ckpt["metrics"])
+            if self.dist.is_main:
+                write_metrics(trial.out, trial.records)  # the checkpoint's epochs: rebuilds a torn or deleted file
+                restore_best(trial.out, trial.state)
+                console.print(f"resumed {escape(trial.out)} at epoch {trial.state.epoch}, step {trial.state.step_in_epoch} of it",
+                              highlight=False)
+        torch.set_rng_state(ckpts[0]["rng"]["torch"])
+
+    def _write_config(self, trial: Trial, configs: list[RunConfig]) -> None:
+        c = trial.config
+        with torch.device("meta"):  # shapes only: no memory, no draw from the global generator
+            plain = WideResNet(c.depth, c.width)
+        sparse_names = trial.sparsity.names + trial.dense_layers if trial.sparsity is not None else []
+        counts = parameter_counts(plain, sparse_names, c.sparsity, (c.block_size,) * 2 if c.granularity == "block" else None)
+        prov = provenance(self.device)
+        data = self.data
+        write_config(trial.out, c, {
+            "init_seed": init_seed(c), "trained_with_seeds": [d.seed for d in configs],
+            "layers_kept_dense": trial.dense_layers, "world_size": self.dist.world_size,
+            "device_name": prov["device"]["gpu_name"] or prov["device"]["cpu"], "provenance": prov,
+            "dataset": {"description": data.description, "source": data.source, "sha256": data.checksum,
+                     "train_images": len(data.train_images), "test_images": len(data.test_images)},
+            "parameters": counts})
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> list[dict | None]:
+        """Train to the end (summaries), or until --stop-after (Nones); a signal raises Stopped."""
+        cfg, progress = self.cfg, self.trials[0].state  # epoch and steps are the same in every trial
+        self.started = self.last_checkpoint = time.perf_counter()
+        reporter = ProgressReporter(console, cfg.epochs, self.steps_per_epoch, self.T * cfg.batch_size,
+                                    bars=not cfg.no_progress, interval=cfg.progress_seconds)
+        with StopSignals() as self.signals, reporter:
+            for epoch in range(progress.epoch, cfg.epochs):
+                self.start_epoch(epoch)
+                reporter.start_epoch(epoch, progress.step_in_epoch)
+                for step in range(progress.step_in_epoch, self.steps_per_epoch):
+                    self.step(epoch, step)
+                    reporter.step(epoch, step + 1)
+                    if step + 1 == self.steps_per_epoch:
+                        break  # the end of the epoch checkpoints
+                    signum, due = self.pause(step, False)
+                    if due or signum:
+                        self.checkpoint_all("last.pt")
+                    if signum:
+                        self.stop(signum)
+                    if due == "stop-after":
+                        break
+                reporter.end_epoch()
+                if progress.step_in_epoch < self.steps_per_epoch:
+                    break
+                self.end_epoch(epoch)
+                signum, due = self.pause(-1, True)
+                if signum:
+                    self.stop(signum)
+                if due == "stop-after":
+                    break
+        self.dist.check_replicas(list(self.model.parameters()), "parameters")
+        if progress.epoch < cfg.epochs:
+            console.print(f"--stop-after {cfg.stop_after:g}: stopped at epoch {progress.epoch}, step "
+                          f"{progress.step_in_epoch} of it; continue with --resume")
+            self.dist.close()
+            return [None] * self.T
+        summaries = [self.finish(trial) for trial in self.trials] if self.dist.is_main else [None] * self.T
+        self.dist.close()
+        return summaries
+
+    def start_epoch(self, epoch: int) -> None:
+        """Epoch start: gmp pruning (at a fresh epoch), the lr, the reallocation period, each trial's data order."""
+        cfg = self.cfg
+        if self.trials[0].state.step_in_epoch == 0:
+            k = gmp_pruning_index(epoch, cfg.gmp_steps, cfg.gmp_interval) if cfg.mode == "gmp" else None
+            for t, trial in enumerate(self.trials):
+                trial.state.start_epoch(epoch)
+                if k is not None:
+                    s_k = gmp_sparsity(k, trial.config.sparsity, cfg.gmp_steps)
+                    trial.sparsity.prune_to_sparsity(s_k, trial_optimizer(self.model, self.optimizer, trial.sparse, t))
+                    self.step_fn.invalidate()
+        self.lr = value_at(cfg.lr_schedule, epoch)
+        if any(group["lr"] != self.lr for group in self.optimizer.param_groups):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+            self.step_fn.invalidate()  # SGD reads the lr as a number: a captured step holds the old one
+        self.period = int(value_at(cfg.realloc_periods, epoch))
+        n = len(self.data.train_images)
+        self.orders = [data_lib.epoch_permutation(n, trial.config.seed, epoch, self.device) for trial in self.trials]
+        self.tick, self.images_this_process = time.perf_counter(), 0
+
+    def step(self, epoch: int, step: int) -> None:
+        """One training step of every trial (each on its own batch, a function of (seed, step)), then
+        the reallocations that are due."""
+        bs, data, dist = self.cfg.batch_size, self.data, self.dist
+        xs, ys = [], []
+        for trial, order in zip(self.trials, self.orders):  # every rank draws the whole batch, trains on its share
+            idx = order[step * bs:(step + 1) * bs]
+            x = data_lib.augment(data.train_images[idx], seeded_generator(self.device, trial.config.seed, trial.state.global_step))
+            xs.append(dist.shard(x))
+            ys.append(dist.shard(data.train_labels[idx]))
+        batch = len(idx)  # images per trial in this step, over all ranks
+        self.step_fn(xs, ys)
+        self.images_this_process += batch
+        for t, trial in enumerate(self.trials):
+            state = trial.state
+            state.seen += batch
+            state.global_step += 1
+            state.step_in_epoch = step + 1
+            if trial.reallocator is not None and epoch < trial.config.dpr_stop_epoch and state.global_step % self.period == 0:
+                self.reallocate(t)
+
+    def reallocate(self, t: int) -> None:
+        """One DPR reallocation of trial t (outside the captured step)."""
+        trial = self.trials[t]
+        try:
+            result = trial.sparsity.reallocate(trial.reallocator, trial.state.global_step,
+                                               trial_optimizer(self.model, self.optimizer, trial.sparse, t),
+                                               self.cfg.keep_momentum)
+        except FloatingPointError as e:
+            raise Diverged(f"{trial.out}: {e}") from None
+        trial.state.moved += result.pruned
+        trial.state.reallocations += 1
+        if self.cfg.granularity == "block":
+            self.step_fn.invalidate()  # new packed parameters
+        self.dist.check_replicas([trial.sparsity.flat_mask()], "sparse structures")
+
+    def pause(self, step: int, epoch_end: bool) -> tuple[int, str | None]:
+        """After a step: (signal number or 0, why a checkpoint is due: 'stop-after', 'time', 'steps' or None).
+        Data parallel: time and signals are agreed between ranks every RANK_SYNC_STEPS steps."""
+        cfg, now = self.cfg, time.perf_counter()
+        signum = self.signals.received
+        stop = cfg.stop_after is not None and now - self.started >= cfg.stop_after
+        timed = cfg.checkpoint_minutes > 0 and now - self.last_checkpoint >= 60 * cfg.checkpoint_minutes
+        if self.dist.enabled:
+            if not epoch_end and (step + 1) % RANK_SYNC_STEPS:
+                signum, stop, timed = 0, False, False
+            else:
+                flags = self.dist.sum_(torch.tensor([signum, stop, timed], dtype=torch.int64, device=self.device)).tolist()
+                signum, stop, timed = (STOP_SIGNALS[0] if flags[0] else 0), bool(flags[1]), bool(flags[2])
+        steps = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+        return signum, ("stop-after" if stop else "time" if timed else "steps" if steps else None)
+
+    def stop(self, signum: int) -> None:
+        state = self.trials[0].state
+        raise Stopped(signum, [t.out for t in self.trials], state.epoch, state.step_in_epoch)
+
+    def bank_accumulators(self) -> None:
+        """Move the device-side accumulators into each trial's RunState (one host sync); Diverged if non-finite."""
+        losses, correct = self.step_fn.take_accumulators()
+        seconds = time.perf_counter() - self.tick
+        bad = [str(t.out) for t, loss in zip(self.trials, losses) if not math.isfinite(loss)]
+        if bad:
+            raise Diverged(f"the training loss became NaN or infinite in epoch {self.trials[0].state.epoch} "
+                           f"({', '.join(bad)}): lower --lr; the last checkpoint is the last finite state")
+        for trial, loss, right in zip(self.trials, losses, correct):
+            trial.state.loss_sum += loss
+            trial.state.correct += int(right)
+            trial.state.epoch_seconds += seconds
+            trial.state.epoch_images += self.images_this_process
+        self.tick, self.images_this_process = time.perf_counter(), 0
+
+    def checkpoint_all(self, name: str) -> None:
+        """Bank the accumulators and write every trial's `name` (mid-epoch)."""
+        self.bank_accumulators()
+        for t in range(self.T):
+            self.checkpoint(t, name)
+        self.last_checkpoint = time.perf_counter()
+
+    def checkpoint(self, t: int, name: str) -> None:
+        if not self.dist.is_main:
+            return
+        trial = self.trials[t]
+        save_checkpoint({
+            "identity": identity(trial.config), "model": self.model.trial_state_dict(t),
+            "optimizer": trial_optimizer_state_dict(self.model, self.optimizer, t),
+            "masks": trial.sparsity.state_dict() if trial.sparsity is not None else None,
+            "reallocator": trial.reallocator.state_dict() if trial.reallocator is not None else None,
+            "progress": asdict(trial.state), "metrics": trial.records, "rng": {"torch": torch.get_rng_state()},
+        }, trial.out / name)
+
+    def end_epoch(self, epoch: int) -> None:
+        """One sync for the accumulators, evaluation, metrics, then best.pt / epochE.pt before last.pt."""
+        self.bank_accumulators()
+        self.dist.broadcast_buffers_(self.model)  # BN statistics of rank 0, so every rank evaluates the same model
+        test_losses, test_accs = evaluate(self.net, self.data.test_images, self.data.test_labels, self.T, self.cfg.amp)
+        for t, trial in enumerate(self.trials):
+            state, c = trial.state, trial.config
+            record = {
+                "epoch": epoch, "train_loss": state.loss_sum / state.seen, "train_acc": state.correct / state.seen,
+                "test_loss": test_losses[t], "test_acc": test_accs[t], "lr": self.lr,
+                "threshold": trial.reallocator.threshold if trial.reallocator is not None else None,
+                "weights_moved": state.moved, "reallocations": state.reallocations,
+                "density": trial.sparsity.densities() if trial.sparsity is not None else None,
+                "seconds": state.epoch_seconds, "images_per_s": state.epoch_images / max(state.epoch_seconds, 1e-9),
+                "trials_in_process": self.T,
+            }
+            trial.records.append(record)
+            if self.dist.is_main:
+                console.print(
+                    (f"seed {c.seed}  " if self.T > 1 else "")
+                    + f"epoch {epoch + 1:>3}/{c.epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.2%}  "
+                    f"test loss {test_losses[t]:.3f} acc {test_accs[t]:.2%}  lr {self.lr:g}"
+                    + (f"  H {record['threshold']:.3g} moved {state.moved}" if trial.reallocator is not None else "")
+                    + f"  {self.T * record['images_per_s']:,.0f} img/s" + (" (all trials)" if self.T > 1 else ""),
+                    highlight=False)
+            state.seconds += state.epoch_seconds
+            is_best = test_accs[t] > state.best_test_acc
+            if is_best:
+                state.best_test_acc, state.best_epoch = test_accs[t], epoch
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            if is_best:
+                self.checkpoint(t, "best.pt")
+            if state.epoch in c.snapshot_epochs:
+                self.checkpoint(t, f"epoch{state.epoch}.pt")
+            self.checkpoint(t, "last.pt")
+            if self.dist.is_main:
+                write_metrics(trial.out, trial.records)
+        self.last_checkpoint = time.perf_counter()
+
+    def finish(self, trial: Trial) -> dict:
+        """Write a trial's final structure and its summary.json (which marks the run finished); block
+        mode also exports the final weights as a plain dense state_dict (final_dense.pt)."""
+        c, sparsity, out, metrics = trial.config, trial.sparsity, trial.out, trial.records
+        if sparsity is not None:
+            save_tensors(sparsity.state_dict(), out / "final_masks.pt")
+        if c.granularity == "block":
+            save_tensors(dense_state_dict(self.model), out / "final_dense.pt")
+        summary = {
+            "mode": c.mode, "granularity": c.granularity, "sparsity": c.sparsity if sparsity is not None else 0.0,
+            "seed": c.seed, "depth": c.depth, "width": c.width, "epochs": c.epochs,
+            "dpr_stop_epoch": c.dpr_stop_epoch if c.mode == "dpr" else None,
+            "final_test_acc": metrics[-1]["test_acc"], "best_test_acc": max(m["test_acc"] for m in metrics),
+            "final_train_loss": metrics[-1]["train_loss"],
+            "nonzero_sparse_weights": sum(sparsity.nonzero_counts()) if sparsity is not None else None,
+            "train_seconds": sum(m["seconds"] for m in metrics),
+            "wall_seconds_this_process": time.perf_counter() - self.started,
+            "data": self.data.description, "run_dir": str(out),
+        }
+        write_summary(out, summary)
+        table = Table(title="run summary")
+        table.add_column("setting")
+        table.add_column("value", justify="right")
+        for key, value in summary.items():
+            table.add_row(key, escape(f"{value:.4f}" if isinstance(value, float) else value))
+        console.print(table)
+        return summary

@@ -1,0 +1,95 @@
+"""What a trial starts from: device, initial weights, initial structure (one function per job).
+
+Used by the training loop (blockdpr/loop.py) when it sets a run up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, RunConfig
+from .models import WideResNet
+from .run_dir import finished_run_file
+from .runinfo import atomic_write
+from .sparsity import ElementSparsity, SparseStructure
+from .sparsity.blocks import block_grid
+from .sparsity.packed import to_block_sparse
+
+# --mode reinit draws its new initial values with seed + REINIT_SEED_OFFSET, so that they differ
+# from those of the DPR run of the same seed (which --mode orig-init uses).
+REINIT_SEED_OFFSET = 1_000_000
+
+
+def identity(config: RunConfig) -> dict:
+    """The settings a checkpoint must share with the run that resumes it."""
+    keys = ("granularity", "block_size", "mode", "depth", "width", "sparsity", "seed", "batch_size", "epochs", "train_subset")
+    return {k: getattr(config, k) for k in keys}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device (validated by RunConfig); under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def save_tensors(obj, path: Path) -> None:
+    """torch.save `obj` to `path` atomically (blockdpr.runinfo)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def build_sparsity(config: RunConfig, params: dict[str, torch.Tensor], model: torch.nn.Module
+                   ) -> tuple[SparseStructure | None, list[str]]:
+    """The initial structure of one trial for each mode (None for dense); params: its sparse tensors.
+
+    Block mode converts those convs of `model` to packed block-sparse layers (in place); the second
+    value names the sparse convs that the block does not tile, which stay dense.
+    """
+    if config.mode == "dense":
+        return None, []
+    masks = None
+    if config.mode in ("reinit", "orig-init"):
+        masks = torch.load(finished_run_file(config.structure_from, "final_masks.pt", "dpr"), weights_only=True)
+    if config.granularity == "block":
+        if config.mode == "gmp":  # start from every block of the dense model
+            block = (config.block_size, config.block_size)
+            masks = {n: torch.ones(block_grid(p.shape, block), dtype=torch.bool) for n, p in params.items()
+                     if block_grid(p.shape, block) is not None}
+        return to_block_sparse(model, list(params), config.block_size, config.sparsity, config.seed, masks)
+    if config.mode in ("dpr", "static"):
+        return ElementSparsity.random(params, config.sparsity, config.seed), []
+    sparsity = ElementSparsity(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+    if masks is not None:
+        sparsity.load_state_dict(masks)
+    return sparsity, []
+
+
+def init_seed(config: RunConfig) -> int:
+    """The seed of a trial's random initial values (reinit: not those of the DPR run of the same seed)."""
+    return config.seed + REINIT_SEED_OFFSET if config.mode == "reinit" else config.seed
+
+
+def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
+    """A trial's initial weights as a plain WideResNet state dict: random (seeded), or for orig-init
+    the DPR run's initial values, for gmp the trained dense model."""
+    torch.manual_seed(init_seed(config))
+    model = WideResNet(config.depth, config.width)
+    if config.mode == "orig-init":
+        model.load_state_dict(torch.load(finished_run_file(config.structure_from, "init_weights.pt", "dpr"), weights_only=True))
+    elif config.mode == "gmp":
+        try:
+            state = load_checkpoint(finished_run_file(config.dense_from, "last.pt", "dense"))
+        except CheckpointError as e:
+            raise ConfigError([f"--dense-from: {e}"]) from None
+        found = state.get("identity", {})
+        if found.get("mode") != "dense" or (found.get("depth"), found.get("width")) != (config.depth, config.width):
+            raise ConfigError([f"--dense-from {config.dense_from} must be a --mode dense WRN-{config.depth}-{config.width} "
+                               f"run, found {found}"])
+        model.load_state_dict(state["model"])
+    return model.state_dict()
