@@ -1,0 +1,176 @@
+"""The figure1-short preset of python -m blockdpr.reproduce: plan, predicted time, throughput cache, report (CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from blockdpr import figure1_short as preset
+from blockdpr import reproduce
+from blockdpr.figure1_short import (PRESETS, apply_preset, cached_throughput, compare, orderings, plan_images,
+                                    predict_seconds, prediction_text, throughput_key, timed_batch, write_report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CONDITIONS = {"dpr", "reinit", "orig-init", "static", "dense", "gmp"}
+
+
+@pytest.fixture
+def parse(monkeypatch):
+    """reproduce.parse_args with --preset. Until reproduce.py calls add_preset_argument / apply_preset
+    itself (the patch in the report), its parser gets them here; afterwards this adds nothing."""
+    build = reproduce.build_parser
+
+    def parse_args(argv):
+        def build_parser():
+            parser = build()
+            if "--preset" not in parser._option_string_actions:
+                preset.add_preset_argument(parser)
+                apply_preset(parser, argv)
+            return parser
+        monkeypatch.setattr(reproduce, "build_parser", build_parser)
+        return reproduce.parse_args(argv)
+    return parse_args
+
+
+def test_the_preset_plans_sparsity_09_three_seeds_of_each_condition_at_30_epochs(parse):
+    opts = parse(["--preset", "figure1-short"])
+    assert opts.root == Path("runs/figure1-short") and opts.results == Path("results/figure1-short")
+    runs = reproduce.plan(opts)
+    assert len(runs) == len(CONDITIONS) * 3
+    assert {(r.condition, r.seed) for r in runs} == {(c, s) for c in CONDITIONS for s in (0, 1, 2)}
+    assert {r.sparsity for r in runs if r.condition != "dense"} == {0.9}
+    schedule = reproduce.Schedule.scaled_from_paper(30, gmp_epochs=8)
+    for r in runs:
+        assert r.settings["epochs"] == (8 if r.condition == "gmp" else 30), r.out
+        if r.condition == "gmp":
+            assert (r.settings["gmp_steps"], r.settings["gmp_interval"]) == (schedule.gmp_steps, schedule.gmp_interval)
+        else:
+            assert r.settings["lr_milestones"] == schedule.milestones
+    assert all(r.settings.get("dpr_stop_epoch") == schedule.dpr_stop for r in runs if r.condition == "dpr")
+    assert not any("snapshot_epochs" in r.settings for r in runs), "no stop-epoch sweep"
+
+
+def test_explicit_flags_override_the_preset(parse, tmp_path, capsys):
+    opts = parse(["--preset", "figure1-short", "--trials", "2", "--epochs", "10", "--root", str(tmp_path / "r")])
+    assert (opts.trials, opts.epochs, opts.gmp_epochs, opts.sparsities) == (2, 10, 8, [0.9])
+    assert opts.results == Path("results/r")
+    assert len(reproduce.plan(opts)) == len(CONDITIONS) * 2
+    assert parse(["--trials", "2"]).sparsities == [0.9, 0.8], "no preset: the paper's defaults"
+    with pytest.raises(SystemExit):
+        parse(["--preset", "figure1-long"])
+    assert "figure1-short" in capsys.readouterr().err
+
+
+def test_image_count_is_the_sum_over_the_plan_and_fits_the_budget(parse):
+    runs = reproduce.plan(parse(["--preset", "figure1-short"]))
+    images = plan_images(runs)
+    assert images == sum(r.settings["epochs"] for r in runs) * 50_000
+    assert predict_seconds(runs, preset.TARGET_IMAGES_PER_SECOND) <= preset.BUDGET_SECONDS
+    assert plan_images(runs[:1], images_per_epoch=600) == runs[0].settings["epochs"] * 600
+
+
+def test_predicted_time_scales_with_throughput(parse):
+    runs = reproduce.plan(parse(["--preset", "figure1-short"]))
+    slow, fast = predict_seconds(runs, 1_000), predict_seconds(runs, 4_000)
+    assert slow == pytest.approx(4 * fast) and slow == pytest.approx(plan_images(runs) / 1_000)
+    with pytest.raises(ValueError, match="images_per_second must be positive"):
+        predict_seconds(runs, 0)
+
+
+def test_throughput_is_measured_once_then_read_from_the_cache(parse, tmp_path, tiny_cifar, monkeypatch):
+    argv = ["--preset", "figure1-short", "--root", str(tmp_path / "runs"), "--data", str(tiny_cifar),
+            "--depth", "10", "--width", "1", "--device", "cpu"]
+    opts = parse(argv)
+    first, cached = cached_throughput(opts)
+    assert not cached and first["images_per_second"] > 0 and first["trials"] == 3
+    assert first["batch_size"] == timed_batch(opts) == preset.CPU_BATCH
+    assert first["images_per_second"] == pytest.approx(3 * first["batch_size"] * first["steps"] / first["seconds"])
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("measured again although cached")
+    monkeypatch.setattr(preset, "measure_throughput", must_not_measure)
+    again, cached = cached_throughput(opts)
+    assert cached and again == first
+    stored = json.loads((opts.root / "throughput.json").read_text())
+    assert list(stored) == [throughput_key(opts, 3, preset.CPU_BATCH)]
+    (opts.root / "throughput.json").write_text("{garbled")  # a torn cache is measured again
+    monkeypatch.setattr(preset, "measure_throughput", lambda opts, trials=None: {**first, "images_per_second": 1.0})
+    assert cached_throughput(opts) == ({**first, "images_per_second": 1.0}, False)
+    # other step settings are another measurement
+    assert throughput_key(parse([*argv, "--amp"]), 3, preset.CPU_BATCH) != list(stored)[0]
+
+
+def test_dry_run_text_predicts_from_the_measured_throughput(parse, tmp_path):
+    opts = parse(["--preset", "figure1-short", "--root", str(tmp_path), "--device", "cpu"])
+    runs = reproduce.plan(opts)
+    key = throughput_key(opts, 3, timed_batch(opts))
+    measured = {"images_per_second": 2_000.0, "trials": 3, "batch_size": 8, "steps": 2, "seconds": 0.024,
+                "device": "test CPU", "key": key, "measured_utc": "2026-11-28T00:00:00+00:00"}
+    (tmp_path / "throughput.json").write_text(json.dumps({key: measured}))
+    text = prediction_text(runs, opts)
+    images = plan_images(runs)
+    assert f"training images to do: {images:,}" in text
+    assert f"{predict_seconds(runs, 2_000) / 3600:.1f} h at 2,000 img/s" in text
+    assert "test CPU" in text and "cached" in text and "within the 9-minute budget" in text
+    assert f"evaluation of {sum(r.settings['epochs'] for r in runs) * 10_000:,} test images" in text
+    for run in runs:  # all finished: nothing to predict, nothing measured
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "summary.json").write_text("{}")
+    (tmp_path / "throughput.json").unlink()
+    assert prediction_text(runs, opts) == "training images to do: none (every planned run is finished)"
+    assert not (tmp_path / "throughput.json").exists()
+
+
+def row(condition, mean, std, n, sparsity=0.9, schedule=30):
+    return {"condition": condition, "sparsity": sparsity, "schedule": schedule, "mean": mean, "std": std, "n": n}
+
+
+def test_orderings_say_whether_each_comparison_holds():
+    assert compare(row("dpr", 93.0, 0.1, 3), row("orig-init", 92.5, 0.1, 3), "DPR", "orig-init") == \
+        "DPR > orig-init: yes (+0.50 points, 2 SE = 0.16, n=3 each)"
+    assert compare(row("dpr", 92.6, 0.5, 3), row("orig-init", 92.5, 0.5, 3), "DPR", "orig-init").startswith(
+        "DPR > orig-init: not resolved (+0.10 points")
+    assert compare(row("reinit", 91.0, 0.1, 3), row("static", 92.0, 0.1, 2), "reinit", "static") == \
+        "reinit > static: no (reversed) (-1.00 points, 2 SE = 0.18, n=3 and 2)"
+    assert "one trial gives no spread" in compare(row("dpr", 93.0, None, 1), row("static", 92.0, 0.1, 3), "DPR", "static")
+    rows = [row("dpr", 93.0, 0.1, 3), row("orig-init", 92.0, 0.1, 3), row("static", 91.0, 0.1, 3),
+            row("reinit", 80.0, 0.1, 3, sparsity=0.8)]
+    lines = orderings(rows, 0.9, 30)
+    assert [line.split(":")[0] for line in lines] == ["DPR > orig-init", "orig-init > reinit", "reinit > static"]
+    assert lines[0].startswith("DPR > orig-init: yes")
+    assert lines[1] == "orig-init > reinit: not measured (no finished reinit run)"
+
+
+def fake_run(root: Path, name: str, **summary) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"seed": 0, "epochs": 30, "data": "CIFAR-10 (JPEG q75)", **summary}))
+    return d
+
+
+def test_report_writes_the_table_figure_published_values_and_orderings(tmp_path):
+    root = tmp_path / "runs"
+    accuracy = {"dpr": 0.92, "orig-init": 0.915, "reinit": 0.91, "static": 0.90, "gmp": 0.925}
+    for seed in range(3):
+        for mode, acc in accuracy.items():
+            extra = {"dpr_stop_epoch": 29} if mode == "dpr" else {}
+            fake_run(root, f"{mode}-s0.9-seed{seed}", mode=mode, sparsity=0.9, seed=seed,
+                     final_test_acc=acc + 0.001 * seed, **extra)
+        fake_run(root, f"dense-seed{seed}", mode="dense", sparsity=0.0, seed=seed, final_test_acc=0.94)
+    out = tmp_path / "results"
+    path = write_report(reproduce.aggregate(reproduce.collect([root])), out)
+    text = path.read_text()
+    assert path == out / "figure1-short.md"
+    assert "| DPR | 0.9 | 29 | 30 | 92.10 +- 0.10 | 3 | 93.59 +- 0.17 |" in text
+    assert "200 epochs on lossless CIFAR-10" in text and "30-epoch schedule on CIFAR-10 (JPEG q75)." in text
+    assert "- DPR > orig-init: yes (+0.50 points, 2 SE = 0.16, n=3 each)" in text
+    assert "- reinit > static: yes (+1.00 points" in text
+    assert "![Figure 1a](figure1a.png)" in text
+    assert (out / "figure1a.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "figure1.csv").is_file()
+
+
+def test_the_preset_lists_only_options_reproduce_has():
+    destinations = {a.dest for a in reproduce.build_parser()._actions}
+    for name, values in PRESETS.items():
+        assert set(values) <= destinations, name
