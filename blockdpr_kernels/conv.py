@@ -14,10 +14,17 @@ tap on the fly (masked at the batch*spatial edge and at zero padding). Three ker
   over the active blocks of the columns ``(t, c)`` through the column-compressed view.
 * ``_wgrad_kernel``: ``dW_blk^T = im2col(x)[:, k-block]^T @ dy[:, n-block]`` for active
   blocks only; one program per (run of up to ``64 // b_in`` blocks of one block row, M split),
-  the run's blocks stacked into one dot of M >= 64 (wgmma on Hopper), fp32 partial sums.
+  the run's blocks stacked into one dot of M >= 64 (wgmma on Hopper). With one split a program
+  owns its blocks and stores them; with more, the split programs reduce in the kernel (see there).
+
+Every launch tensor derived from the layout (weight-gradient runs, workspace, counters) is built
+once by :class:`~blockdpr_kernels.BlockLayout`; the split count and density bucket are its O(1)
+functions of their sizes (SM count cached per device). A launcher allocates its output and launches.
+The autotune key holds the shapes and the layout's coarse density bucket (``DENSITY``, not
+specialised on), so a config tuned on a dense layout is not reused at 90% sparsity.
 
 Autotune configs that would spill registers or overflow shared memory on the launch's GPU are
-pruned before tuning (:func:`prune_configs`, calibrated with ``bench/kernel_report.py``).
+pruned before tuning (:func:`prune_configs`, calibrated with ``python -m bench.aot``).
 
 A dense linear layer is the 1x1 conv over ``M`` pixels, so :mod:`.matmul` reuses these
 kernels with ``H = W = 1``. Kernels specialise only on block shape, dtype, geometry and
@@ -26,25 +33,35 @@ tile config; the layout arrives as index tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .layout import density_bucket, wgrad_group, wgrad_splits
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs():
-    """Autotune configs (Hopper-sensible); a single small one under the interpreter."""
+    """Autotune configs (Hopper-sensible); a single small one under the interpreter.
+
+    BLOCK_M 256 with 8 warps gives the narrow (32- or 64-wide) output tiles of a sparse row
+    more rows per program, so each gathered weight block feeds more MMA work; the pruner drops
+    the combinations that would spill or overflow shared memory."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for w in (4, 8) for s in (2, 4)]
+            for bm in (64, 128, 256) for w in (4, 8) for s in (2, 4)]
+
+
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _configs())
 
 
 def _cost(kernel: str, config, bn: int, bk: int, elem_bytes: int, hopper: bool) -> tuple[float, int]:
-    """(register pressure, shared memory bytes) of a config, calibrated on ``bench/kernel_report.py``.
+    """(register pressure, shared memory bytes) of a config, calibrated on ``python -m bench.aot``.
 
     Pressure: fp32 accumulator elements per thread (plus, for wgrad, the gathered operand elements
     it holds in registers), weighted by the operand size (more on Ampere, whose mma.sync keeps the
@@ -53,7 +70,7 @@ def _cost(kernel: str, config, bn: int, bk: int, elem_bytes: int, hopper: bool) 
     """
     bm, threads = config.kwargs["BLOCK_M"], 32 * config.num_warps
     if kernel == "wgrad":
-        g = _group(bk)
+        g = wgrad_group(bk)
         tiles = bm * (g * bk + bn)
         per_thread = (g * bk * bn + tiles) / threads
     else:
@@ -65,10 +82,13 @@ def _cost(kernel: str, config, bn: int, bk: int, elem_bytes: int, hopper: bool) 
 
 def config_fits(kernel: str, config, bn: int, bk: int, elem_bytes: int, smem_limit: int, hopper: bool) -> bool:
     """Whether ``config`` of ``kernel`` ("fwd", "dgrad", "wgrad") should neither spill registers nor
-    overflow ``smem_limit``. On Ampere, 2 stages (a single buffer: no pipelining) are left out too."""
+    overflow ``smem_limit``. On Ampere, 2 stages (a single buffer: no pipelining) are left out too, and
+    so are more than 32 rows of ``BLOCK_M`` per warp (mma.sync holds the operand fragments in registers:
+    BLOCK_M 256 with 4 warps spilled in the AOT report, linear dgrad at block 16)."""
     pressure, smem = _cost(kernel, config, bn, bk, elem_bytes, hopper)
     limit = 128 if hopper else 48 if kernel == "wgrad" else 64
-    return pressure <= limit and smem <= smem_limit and (hopper or config.num_stages > 2)
+    rows_per_warp = config.kwargs["BLOCK_M"] // config.num_warps
+    return pressure <= limit and smem <= smem_limit and (hopper or (config.num_stages > 2 and rows_per_warp <= 32))
 
 
 def prune_configs(kernel: str, configs, bn: int, bk: int, elem_bytes: int, smem_limit: int, hopper: bool) -> list:
@@ -78,27 +98,28 @@ def prune_configs(kernel: str, configs, bn: int, bk: int, elem_bytes: int, smem_
     return kept or [min(configs, key=lambda c: (cost[id(c)][1] > smem_limit, cost[id(c)][0], cost[id(c)][1]))]
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_limit_and_hopper(device: torch.device) -> tuple[int, bool]:
+    """(shared memory per block, whether Hopper or newer) of a device, queried once per device."""
+    if device.type != "cuda":  # interpreter
+        return 1 << 30, True
+    props = torch.cuda.get_device_properties(device)
+    return props.shared_memory_per_block_optin, props.major >= 9
+
+
 def _pruner(kernel: str):
     """``early_config_prune`` for the autotuner: :func:`prune_configs` for the launch's block, dtype and GPU."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         t = args["v_ptr" if kernel != "wgrad" else "x_ptr"]
-        if t.device.type == "cuda":
-            props = torch.cuda.get_device_properties(t.device)
-            limit, hopper = props.shared_memory_per_block_optin, props.major >= 9
-        else:  # interpreter
-            limit, hopper = 1 << 30, True
+        limit, hopper = _smem_limit_and_hopper(t.device)
         return prune_configs(kernel, configs, args["BN"], args["BK"], t.element_size(), limit, hopper)
     return prune
 
 
-def _group(bk: int) -> int:
-    """Blocks of one block row per weight-gradient program: enough for a dot with M = G * BK >= 64 (wgmma)."""
-    return max(1, 64 // bk)
-
-
-# Autotune key: shapes and geometry, never layout contents (triton adds the tensor dtypes).
-_KEY = ["M", "H", "W", "C_IN", "C_OUT", "S", "STRIDE", "PAD", "BN", "BK"]
+# Autotune key: shapes, geometry and the layout's density bucket, never layout contents (triton
+# adds the tensor dtypes).
+_KEY = ["M", "H", "W", "C_IN", "C_OUT", "S", "STRIDE", "PAD", "BN", "BK", "DENSITY"]
 
 
 @triton.jit
@@ -135,13 +156,15 @@ def _tap_rows(b, i, j, in_range, tap, H_SRC, W_SRC,
 
 @triton.autotune(configs=_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _pruner("fwd")})
-@triton.jit
+@triton.jit(do_not_specialize=["DENSITY"])
 def _fwd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr,
-                M, H, W, P, Q, C_IN, C_OUT,
+                M, H, W, P, Q, C_IN, C_OUT, DENSITY,
                 S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """y [B*P*Q, C_OUT] = im2col(x [B*H*W, C_IN]) @ W^T (+ bias); W packed in v [nnz, BN, BK]."""
+    """y [B*P*Q, C_OUT] = im2col(x [B*H*W, C_IN]) @ W^T (+ bias); W packed in v [nnz, BN, BK].
+
+    ``DENSITY`` (the layout's density bucket) is only read by the autotuner's key."""
     pid = tl.program_id(0)
     n_blocks = C_OUT // BN
     n = pid % n_blocks  # output-channel blocks fastest: neighbours share the x rows in L2
@@ -171,9 +194,9 @@ def _fwd_kernel(x_ptr, v_ptr, row_ptr, col_idx, bias_ptr, y_ptr,
 
 @triton.autotune(configs=_configs(), key=_KEY + ["R"],
                  prune_configs_by={"early_config_prune": _pruner("dgrad")})
-@triton.jit
+@triton.jit(do_not_specialize=["DENSITY"])
 def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
-                  M, H, W, P, Q, C_IN, C_OUT,
+                  M, H, W, P, Q, C_IN, C_OUT, DENSITY,
                   R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -206,21 +229,28 @@ def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
 
 @triton.autotune(configs=_configs(), key=_KEY,
                  prune_configs_by={"early_config_prune": _pruner("wgrad")})
-@triton.jit
-def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr,
-                  M, H, W, P, Q, C_IN, C_OUT,
+@triton.jit(do_not_specialize=["DENSITY"])
+def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count_ptr,
+                  M, H, W, P, Q, C_IN, C_OUT, DENSITY,
                   S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dv[blk, split]^T = im2col(x)[:, k-block]^T @ dy[:, n-block] over this split's share of M = B*P*Q,
-    for the packed blocks ``groups[g, 0] .. groups[g, 1] - 1`` (at most G, all of one block row n).
+    """dv[blk]^T = im2col(x)[:, k-block]^T @ dy[:, n-block] over M = B*P*Q, for the packed blocks
+    ``groups[g, 0] .. groups[g, 1] - 1`` (at most G, all of one block row n); dv [nnz, BN, BK].
 
     The G blocks share the dy tile and are stacked into one dot ``[G*BK, BLOCK_M] @ [BLOCK_M, BN]``
     whose M dimension G*BK >= 64 lets Hopper use wgmma. Grid ``(groups, n_splits)``; unused groups
-    are empty. dv is fp32 ``[nnz, n_splits, BN, BK]``, summed over splits by the caller.
+    are empty. With one split the program owns its blocks and stores them. With ``n_splits > 1``
+    each split adds its fp32 partial sum into the fp32 workspace ``ws [nnz, BN, BK]`` (atomics at
+    L2) and counts itself done in ``count[g]``; the last split of the group reads the total from
+    the workspace (at L2), zeroes it, stores the total cast to dv's dtype and resets the counter,
+    so the workspace and counters are all zero again between launches (no memset, no second
+    pass, no partial buffer). The sum order of the splits varies between runs, so with splits the
+    low bits of dv are not bitwise reproducible (as cuDNN's split-K weight gradients).
     """
-    G: tl.constexpr = 64 // BK if BK < 64 else 1  # as _group(BK)
-    start, end = tl.load(groups + 2 * tl.program_id(0)), tl.load(groups + 2 * tl.program_id(0) + 1)
+    G: tl.constexpr = 64 // BK if BK < 64 else 1  # as layout.wgrad_group(BK)
+    group = tl.program_id(0)
+    start, end = tl.load(groups + 2 * group), tl.load(groups + 2 * group + 1)
     if start >= end:
         return
     split = tl.program_id(1)
@@ -247,9 +277,19 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr,
         g = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :],
                     mask=(offs_m < M)[:, None], other=0.0)  # [BLOCK_M, BN]
         acc = tl.dot(tl.reshape(a_t, (G * BK, BLOCK_M)), g, acc, input_precision=PRECISION)
-    out = dv_ptr + (blks * n_splits + split).to(tl.int64)[:, None, None] * (BN * BK)
-    tl.store(out + offs_n[None, None, :] * BK + offs_k[None, :, None], tl.reshape(acc, (G, BK, BN)),
-             mask=mine[:, None, None])
+    offs = blks.to(tl.int64)[:, None, None] * (BN * BK) + offs_n[None, None, :] * BK + offs_k[None, :, None]
+    keep = mine[:, None, None]  # offs, keep: [G, BK, BN]
+    acc = tl.reshape(acc, (G, BK, BN))
+    if n_splits == 1:
+        tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=keep)
+    else:
+        tl.atomic_add(ws_ptr + offs, acc, mask=keep, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the release below
+        if tl.atomic_add(count_ptr + group, 1, sem="acq_rel") == n_splits - 1:
+            total = tl.load(ws_ptr + offs, mask=keep, cache_modifier=".cg")  # from L2, where the adds landed
+            tl.store(dv_ptr + offs, total.to(dv_ptr.dtype.element_ty), mask=keep)
+            tl.store(ws_ptr + offs, tl.zeros_like(total), mask=keep)
+            tl.store(count_ptr + group, 0)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -269,34 +309,6 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _split_count(programs: int, m: int, device: torch.device) -> int:
-    """M splits for the weight gradient: about 4 programs per SM, at least one M tile each."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8  # interpreter: small, but enough to exercise the split path in tests
-    m_tiles = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in _wgrad_kernel.configs))
-    return max(1, min(m_tiles, triton.cdiv(target, programs)))
-
-
-def _groups(row_idx: torch.Tensor, g: int, n_rows: int) -> torch.Tensor:
-    """``[groups, 2]``: first and end packed block of each run of up to ``g`` blocks of one block row.
-
-    ``row_idx`` is sorted (row-major block order). Sized ``min(nnz, nnz // g + n_rows)``, a bound on
-    the number of runs, so the grid needs no host sync; the unused rows are empty runs ``(0, 0)``.
-    """
-    nnz = row_idx.shape[0]
-    blk = torch.arange(nnz, device=row_idx.device, dtype=torch.int32)
-    lead = (blk - torch.searchsorted(row_idx, row_idx, out_int32=True)) % g == 0
-    end = torch.minimum(blk + g, torch.searchsorted(row_idx, row_idx, right=True, out_int32=True))
-    n_groups = min(nnz, nnz // g + n_rows)
-    slot = torch.where(lead, torch.cumsum(lead, 0) - 1, n_groups)  # non-leaders go to a spare row
-    out = torch.zeros(n_groups + 1, 2, device=row_idx.device, dtype=torch.int32)
-    out[:, 0].scatter_(0, slot, torch.where(lead, blk, 0))
-    out[:, 1].scatter_(0, slot, torch.where(lead, end, 0))
-    return out[:n_groups]
-
-
 def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, allow_tf32):
     """Fill ``y [B, P, Q, C_out]`` (contiguous) from ``x [B, H, W, C_in]`` (contiguous).
 
@@ -313,6 +325,7 @@ def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, 
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_OUT"] // bn),)
     with _on(x.device):
         _fwd_kernel[grid](x, values, row_ptr, col_idx, y if bias is None else bias, y, m, **geo,
+                          DENSITY=density_bucket(values.shape[0], geo["C_OUT"] // bn),
                           S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk, HAS_BIAS=bias is not None,
                           PRECISION=_precision(x.dtype, allow_tf32))
     return y
@@ -328,27 +341,33 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stri
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_IN"] // bk),)
     with _on(dy.device):
         _dgrad_kernel[grid](dy, values, col_ptr, col_row_idx, col_perm, dx, m, **geo,
+                            DENSITY=density_bucket(values.shape[0], geo["C_OUT"] // bn),
                             R=r, S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
                             PRECISION=_precision(dy.dtype, allow_tf32))
     return dx
 
 
-def grad_weight(x, dy, row_idx, col_idx, block, kernel_size, stride, padding, allow_tf32):
+def grad_weight(x, dy, row_idx, col_idx, groups, workspace, counters, block, kernel_size, stride, padding,
+                allow_tf32):
     """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
 
-    ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; ``row_idx``/``col_idx`` of each packed block.
+    ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; the rest is the layout's (see
+    :class:`~blockdpr_kernels.BlockLayout`): ``row_idx``/``col_idx`` of each packed block, the runs
+    ``groups [n_groups, 2]``, the fp32 ``workspace [nnz, bn, bk]`` and int32 ``counters [n_groups]`` (all
+    zero) for the split reduction. The split count and density bucket are the layout's
+    (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of
+    these sizes; the SM count is cached per device).
     """
     (_, s), (bn, bk) = kernel_size, block
     nnz = row_idx.shape[0]
     geo = _geometry(x.shape, dy.shape)
     m = dy.shape[0] * geo["P"] * geo["Q"]
+    dv = x.new_empty(nnz, bn, bk)
     if nnz == 0 or m == 0:
-        return x.new_zeros(nnz, bn, bk)
-    groups = _groups(row_idx, _group(bk), geo["C_OUT"] // bn)
-    splits = _split_count(groups.shape[0], m, x.device)
-    partial = torch.empty(nnz, splits, bn, bk, device=x.device, dtype=torch.float32)
+        return dv.zero_()
+    splits = min(wgrad_splits(groups.shape[0], x.device), triton.cdiv(m, _MIN_BLOCK_M))  # each split >= 1 M tile
     with _on(x.device):
-        _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, partial, m, **geo,
-                                                 S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
-                                                 PRECISION=_precision(x.dtype, allow_tf32))
-    return partial.sum(1).to(x.dtype)
+        _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, dv, workspace, counters, m,
+                                                 **geo, DENSITY=density_bucket(nnz, geo["C_OUT"] // bn), S=s, STRIDE=stride, PAD=padding,
+                                                 BN=bn, BK=bk, PRECISION=_precision(x.dtype, allow_tf32))
+    return dv

@@ -5,20 +5,27 @@ block grid of ``[N // bn, K // bk]``. A boolean block mask over that grid says w
 blocks are stored. The stored ("packed") values are a tensor ``[nnz, bn, bk]`` in
 row-major block order: sorted by block row, then block column.
 
-The layout only holds index tensors (int32, on the weight's device). Kernels read
-them as data, so rebuilding a layout with a new mask never recompiles a kernel.
+The layout holds index tensors (int32, on the weight's device) and the rest of the kernels'
+launch metadata (weight-gradient runs, an fp32 reduction workspace, counters), all built once
+per layout. Kernels read them as data, so rebuilding a layout with a new mask never recompiles
+a kernel.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
 from .reference import dense_weight, gather_blocks
 
-__all__ = ["BlockLayout", "from_dense", "to_dense"]
+__all__ = ["BlockLayout", "from_dense", "to_dense", "wgrad_group", "wgrad_splits", "density_bucket"]
 
 
 class BlockLayout:
-    """Index tensors describing which ``(bn, bk)`` blocks of an ``[N, K]`` matrix are stored.
+    """Index tensors describing which ``(bn, bk)`` blocks of an ``[N, K]`` matrix are stored,
+    and every piece of launch metadata the kernels need, built once per layout (once per
+    reallocation) so that a kernel call does no host-side work beyond its launch.
 
     Args:
         mask: bool tensor ``[N // bn, K // bk]``, True where a block is stored.
@@ -39,6 +46,24 @@ class BlockLayout:
         col_row_idx: ``[nnz]``, block row of each entry of the column view (rows ascending
             within a column).
         col_perm: ``[nnz]``, index of each column-view entry into the packed values.
+        wgrad_groups: ``[n_groups, 2]``, first and end packed block of each run of up to
+            :func:`wgrad_group` ``(bk)`` blocks of one block row (one weight-gradient program each).
+            ``n_groups = nnz // g + N // bn + 1`` is a bound that depends on ``nnz`` only, so layouts with
+            the same ``nnz`` have the same shapes, and is at least 2, so torch.compile's 0/1 size
+            specialisation never recompiles at a reallocation; the unused rows are empty runs ``(0, 0)``.
+        wgrad_workspace: fp32 ``[nnz, bn, bk]`` zeros where split weight-gradient programs add their
+            partial sums (the last one casts the total into the output and zeroes it again).
+        wgrad_counters: int32 ``[n_groups]`` zeros: split programs done per group (reset the same way).
+        wgrad_splits: M splits of the weight gradient (an int property, :func:`wgrad_splits`): 1 when
+            the groups alone give about four programs per SM of the layout's device, more otherwise.
+        density_bucket: ``ceil(log2(nnz / (N // bn) + 1))`` (an int property, :func:`density_bucket`),
+            the coarse count of active blocks per block row in the kernels' autotune key.
+
+    The two ints are functions of the tensor sizes and the device, which the launchers recompute in
+    O(1) Python (the SM count is queried once per device): torch.compile guards int attributes of a
+    module as constants, so storing them would recompile the model at every reallocation, while
+    sizes become dynamic. One layout's weight gradients must not run concurrently on two streams
+    (they share the workspace).
     """
 
     def __init__(self, mask: torch.Tensor, block: tuple[int, int]):
@@ -52,15 +77,29 @@ class BlockLayout:
         self.grid = (nb, kb)
         self.shape = (nb * bn, kb * bk)
         self.mask = mask
-        rows, cols = mask.nonzero(as_tuple=True)  # row-major order; the one host sync
+        # Built on the host from one copy of the mask (the one sync), then copied to the device.
+        host = mask.cpu()
+        rows, cols = host.nonzero(as_tuple=True)  # row-major order
         self.nnz = int(rows.numel())
-        self.row_idx = rows.to(torch.int32)
-        self.col_idx = cols.to(torch.int32)
-        self.row_ptr = _ptr(rows, nb)
         order = torch.argsort(cols * nb + rows)
-        self.col_perm = order.to(torch.int32)
-        self.col_row_idx = self.row_idx[order]
-        self.col_ptr = _ptr(cols, kb)
+        groups = _runs(rows, wgrad_group(bk), nb)
+
+        def dev(t):
+            return t.to(device=mask.device, dtype=torch.int32)
+        self.row_idx, self.col_idx = dev(rows), dev(cols)
+        self.row_ptr, self.col_ptr = dev(_ptr(rows, nb)), dev(_ptr(cols, kb))
+        self.col_perm, self.col_row_idx = dev(order), dev(rows[order])
+        self.wgrad_groups = dev(groups)
+        self.wgrad_workspace = torch.zeros(self.nnz, bn, bk, dtype=torch.float32, device=mask.device)
+        self.wgrad_counters = torch.zeros(groups.shape[0], dtype=torch.int32, device=mask.device)
+
+    @property
+    def wgrad_splits(self) -> int:
+        return wgrad_splits(self.wgrad_groups.shape[0], self.device)
+
+    @property
+    def density_bucket(self) -> int:
+        return density_bucket(self.nnz, self.grid[0])
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, block: tuple[int, int]) -> "BlockLayout":
@@ -118,13 +157,49 @@ class BlockLayout:
 
 
 def _ptr(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Compressed pointer ``[n + 1]`` (int32) for group ids ``idx`` in ``[0, n)``.
+    """Compressed pointer ``[n + 1]`` (int64) for group ids ``idx`` (int64, host) in ``[0, n)``."""
+    return torch.cat([idx.new_zeros(1), torch.bincount(idx, minlength=n).cumsum(0)])
 
-    (index_add rather than bincount, which syncs with the host on CUDA.)
-    """
-    counts = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
-    counts.index_add_(0, idx + 1, torch.ones_like(idx))
-    return counts.cumsum(0).to(torch.int32)
+
+def wgrad_group(bk: int) -> int:
+    """Blocks of one block row per weight-gradient program: enough for a dot with M = G * BK >= 64 (wgmma)."""
+    return max(1, 64 // bk)
+
+
+def _runs(rows: torch.Tensor, g: int, n_rows: int) -> torch.Tensor:
+    """``[nnz // g + n_rows + 1, 2]`` int64: first and end packed block of each run of up to ``g``
+    consecutive blocks of one block row (``rows`` sorted, int64, host), then empty runs ``(0, 0)``."""
+    nnz = rows.numel()
+    blk = torch.arange(nnz)
+    row_start = torch.searchsorted(rows, rows)
+    row_end = torch.searchsorted(rows, rows, right=True)
+    lead = (blk - row_start) % g == 0
+    out = torch.zeros(nnz // g + n_rows + 1, 2, dtype=torch.int64)
+    runs = torch.stack([blk[lead], torch.minimum(blk + g, row_end)[lead]], 1)
+    out[: runs.shape[0]] = runs
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (queried once per device); 2 elsewhere (the
+    Triton interpreter on CPU: small, but enough to exercise the split path)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def wgrad_splits(n_groups: int, device: torch.device) -> int:
+    """M splits of the weight gradient: enough programs for about 4 per SM, 1 when the groups suffice."""
+    if n_groups == 0:
+        return 1
+    return max(1, -(-4 * _sm_count(device) // n_groups))
+
+
+def density_bucket(nnz: int, n_rows: int) -> int:
+    """``ceil(log2(nnz / n_rows + 1))``: 0 for an empty layout, then one bucket per doubling of the
+    active blocks per block row (dense 640x5760 in 32x32 blocks: 8; at 10%: 5)."""
+    return math.ceil(math.log2(nnz / max(1, n_rows) + 1))
 
 
 def _check_divides(shape, block, name):

@@ -39,64 +39,67 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- custom ops
-# Layout index tensors, always passed in this order (see BlockLayout).
-# row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm
+# A layout enters every op as one list of its tensors (see BlockLayout and _layout_tensors):
+#   idx = [row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, wgrad_groups, wgrad_workspace,
+#          wgrad_counters]
+# Tensors are data, so a new layout never recompiles a kernel, and their sizes are sizes to dynamo (dynamic
+# after a reallocation), where int attributes of a module would be guarded as constants: the two ints the
+# launchers need (the weight-gradient split count and the density bucket) are the layout's functions of
+# these sizes and the device, recomputed by the launchers in O(1) Python. Per call an op allocates its
+# output and launches its kernel; everything else was built with the layout.
 
-def _grid(row_ptr: Tensor, col_ptr: Tensor):
-    return row_ptr.shape[0] - 1, col_ptr.shape[0] - 1
+def _grid(idx: List[Tensor]):
+    return idx[0].shape[0] - 1, idx[3].shape[0] - 1
 
 
 def _bias_grad(dy: Tensor, dims) -> Tensor:
-    acc = dy if dy.dtype == torch.float64 else dy.float()
-    return acc.sum(dims).to(dy.dtype)
+    """One reduction; torch accumulates half-precision sums in fp32."""
+    return dy.sum(dims)
 
 
 @torch.library.custom_op("blockdpr_kernels::linear", mutates_args=())
-def _linear(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
-            col_ptr: Tensor, col_row_idx: Tensor, col_perm: Tensor, bias: Optional[Tensor],
+def _linear(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor],
             backend: str) -> Tensor:
-    grid = _grid(row_ptr, col_ptr)
+    grid = _grid(idx)
     if backend == "triton":
-        return matmul.forward(x, values, row_ptr, col_idx, bias, grid[0] * values.shape[1])
-    return reference.linear(x, values, row_idx, col_idx, grid, bias)
+        return matmul.forward(x, values, idx[0], idx[1], bias, grid[0] * values.shape[1])
+    return reference.linear(x, values, idx[2], idx[1], grid, bias)
 
 
 @_linear.register_fake
-def _(x, values, row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, bias, backend):
-    return x.new_empty(x.shape[0], (row_ptr.shape[0] - 1) * values.shape[1])
+def _(x, values, idx, bias, backend):
+    return x.new_empty(x.shape[0], _grid(idx)[0] * values.shape[1])
 
 
 @torch.library.custom_op("blockdpr_kernels::linear_grad_input", mutates_args=())
-def _linear_grad_input(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
-                       col_ptr: Tensor, col_row_idx: Tensor, col_perm: Tensor, backend: str) -> Tensor:
-    grid = _grid(row_ptr, col_ptr)
+def _linear_grad_input(dy: Tensor, values: Tensor, idx: List[Tensor], backend: str) -> Tensor:
+    grid = _grid(idx)
     if backend == "triton":
-        return matmul.grad_input(dy, values, col_ptr, col_row_idx, col_perm, grid[1] * values.shape[2])
-    return reference.linear_grad_input(dy, values, row_idx, col_idx, grid)
+        return matmul.grad_input(dy, values, idx[3], idx[4], idx[5], grid[1] * values.shape[2])
+    return reference.linear_grad_input(dy, values, idx[2], idx[1], grid)
 
 
 @_linear_grad_input.register_fake
-def _(dy, values, row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, backend):
-    return dy.new_empty(dy.shape[0], (col_ptr.shape[0] - 1) * values.shape[2])
+def _(dy, values, idx, backend):
+    return dy.new_empty(dy.shape[0], _grid(idx)[1] * values.shape[2])
 
 
 @torch.library.custom_op("blockdpr_kernels::linear_grad_weight", mutates_args=())
-def _linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
-                        row_idx: Tensor, col_ptr: Tensor, col_row_idx: Tensor, col_perm: Tensor,
+def _linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
                         backend: str) -> Tensor:
     block = tuple(values.shape[1:])
     if backend == "triton":
-        return matmul.grad_weight(x, dy, row_idx, col_idx, block)
-    return reference.linear_grad_weight(x, dy, row_idx, col_idx, block)
+        return matmul.grad_weight(x, dy, idx[2], idx[1], *idx[6:9], block)
+    return reference.linear_grad_weight(x, dy, idx[2], idx[1], block)
 
 
 @_linear_grad_weight.register_fake
-def _(x, dy, values, row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, backend):
+def _(x, dy, values, idx, backend):
     return torch.empty_like(values)
 
 
 def _linear_setup(ctx, inputs, output):
-    x, values, *idx, bias, backend = inputs
+    x, values, idx, bias, backend = inputs
     ctx.save_for_backward(x, values, *idx)
     ctx.backend = backend
 
@@ -105,10 +108,10 @@ def _linear_backward(ctx, dy):
     x, values, *idx = ctx.saved_tensors
     dy = dy.contiguous()
     need = ctx.needs_input_grad
-    dx = _linear_grad_input(dy, values, *idx, ctx.backend) if need[0] else None
-    dv = _linear_grad_weight(x, dy, values, *idx, ctx.backend) if need[1] else None
-    db = _bias_grad(dy, 0) if need[8] else None
-    return (dx, dv) + (None,) * 6 + (db, None)
+    dx = _linear_grad_input(dy, values, idx, ctx.backend) if need[0] else None
+    dv = _linear_grad_weight(x, dy, values, idx, ctx.backend) if need[1] else None
+    db = _bias_grad(dy, 0) if need[3] else None
+    return dx, dv, [None] * len(idx), db, None
 
 
 torch.library.register_autograd("blockdpr_kernels::linear", _linear_backward, setup_context=_linear_setup)
@@ -128,68 +131,61 @@ def _empty_cl(shape, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("blockdpr_kernels::conv2d", mutates_args=())
-def _conv2d(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
-            col_ptr: Tensor, col_row_idx: Tensor, col_perm: Tensor, bias: Optional[Tensor],
+def _conv2d(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor],
             kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
-    grid = _grid(row_ptr, col_ptr)
     if backend == "triton":
-        y = _conv2d_out(x, values, row_ptr, kernel_size, stride, padding)
-        conv.forward(_nhwc(x), values, row_ptr, col_idx, bias, _nhwc(y), kernel_size, stride, padding,
+        y = _conv2d_out(x, values, idx, kernel_size, stride, padding)
+        conv.forward(_nhwc(x), values, idx[0], idx[1], bias, _nhwc(y), kernel_size, stride, padding,
                      torch.backends.cudnn.allow_tf32)
         return y
-    return reference.conv2d(x, values, row_idx, col_idx, grid, kernel_size, stride, padding, bias)
+    return reference.conv2d(x, values, idx[2], idx[1], _grid(idx), kernel_size, stride, padding, bias)
 
 
-def _conv2d_out(x, values, row_ptr, kernel_size, stride, padding):
+def _conv2d_out(x, values, idx, kernel_size, stride, padding):
     """Empty channels_last output ``[B, C_out, P, Q]``."""
     p, q = _conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding)
-    return _empty_cl((x.shape[0], (row_ptr.shape[0] - 1) * values.shape[1], p, q), x)
+    return _empty_cl((x.shape[0], _grid(idx)[0] * values.shape[1], p, q), x)
 
 
 @_conv2d.register_fake
-def _(x, values, row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, bias, kernel_size, stride, padding,
-      backend):
-    return _conv2d_out(x, values, row_ptr, kernel_size, stride, padding)
+def _(x, values, idx, bias, kernel_size, stride, padding, backend):
+    return _conv2d_out(x, values, idx, kernel_size, stride, padding)
 
 
 @torch.library.custom_op("blockdpr_kernels::conv2d_grad_input", mutates_args=())
-def _conv2d_grad_input(dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
-                       col_ptr: Tensor, col_row_idx: Tensor, col_perm: Tensor, x_shape: List[int],
+def _conv2d_grad_input(dy: Tensor, values: Tensor, idx: List[Tensor], x_shape: List[int],
                        kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
     if backend == "triton":
         dx = _empty_cl(x_shape, dy)
-        conv.grad_input(_nhwc(dy), values, col_ptr, col_row_idx, col_perm, _nhwc(dx), kernel_size, stride,
+        conv.grad_input(_nhwc(dy), values, idx[3], idx[4], idx[5], _nhwc(dx), kernel_size, stride,
                         padding, torch.backends.cudnn.allow_tf32)
         return dx
-    return reference.conv2d_grad_input(dy, values, row_idx, col_idx, _grid(row_ptr, col_ptr), x_shape,
-                                       kernel_size, stride, padding)
+    return reference.conv2d_grad_input(dy, values, idx[2], idx[1], _grid(idx), x_shape, kernel_size, stride,
+                                       padding)
 
 
 @_conv2d_grad_input.register_fake
-def _(dy, values, row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, x_shape, kernel_size, stride,
-      padding, backend):
+def _(dy, values, idx, x_shape, kernel_size, stride, padding, backend):
     return _empty_cl(x_shape, dy)
 
 
 @torch.library.custom_op("blockdpr_kernels::conv2d_grad_weight", mutates_args=())
-def _conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
-                        row_idx: Tensor, col_ptr: Tensor, col_row_idx: Tensor, col_perm: Tensor,
+def _conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
                         kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
     block = tuple(values.shape[1:])
     if backend == "triton":
-        return conv.grad_weight(_nhwc(x), _nhwc(dy), row_idx, col_idx, block, kernel_size, stride, padding,
-                                torch.backends.cudnn.allow_tf32)
-    return reference.conv2d_grad_weight(x, dy, row_idx, col_idx, block, kernel_size, stride, padding)
+        return conv.grad_weight(_nhwc(x), _nhwc(dy), idx[2], idx[1], *idx[6:9], block, kernel_size,
+                                stride, padding, torch.backends.cudnn.allow_tf32)
+    return reference.conv2d_grad_weight(x, dy, idx[2], idx[1], block, kernel_size, stride, padding)
 
 
 @_conv2d_grad_weight.register_fake
-def _(x, dy, values, row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, kernel_size, stride, padding,
-      backend):
+def _(x, dy, values, idx, kernel_size, stride, padding, backend):
     return torch.empty_like(values)
 
 
 def _conv2d_setup(ctx, inputs, output):
-    x, values, *idx, bias, kernel_size, stride, padding, backend = inputs
+    x, values, idx, bias, kernel_size, stride, padding, backend = inputs
     ctx.save_for_backward(x, values, *idx)
     ctx.geometry = (kernel_size, stride, padding, backend)
 
@@ -198,10 +194,10 @@ def _conv2d_backward(ctx, dy):
     x, values, *idx = ctx.saved_tensors
     dy = dy.contiguous(memory_format=torch.channels_last)
     need = ctx.needs_input_grad
-    dx = _conv2d_grad_input(dy, values, *idx, list(x.shape), *ctx.geometry) if need[0] else None
-    dv = _conv2d_grad_weight(x, dy, values, *idx, *ctx.geometry) if need[1] else None
-    db = _bias_grad(dy, (0, 2, 3)) if need[8] else None
-    return (dx, dv) + (None,) * 6 + (db,) + (None,) * 4
+    dx = _conv2d_grad_input(dy, values, idx, list(x.shape), *ctx.geometry) if need[0] else None
+    dv = _conv2d_grad_weight(x, dy, values, idx, *ctx.geometry) if need[1] else None
+    db = _bias_grad(dy, (0, 2, 3)) if need[3] else None
+    return (dx, dv, [None] * len(idx), db) + (None,) * 4
 
 
 torch.library.register_autograd("blockdpr_kernels::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
@@ -270,8 +266,10 @@ def _check_common(x, values, layout, bias, backend, blocks):
     return backend, x, values, bias
 
 
-def _layout_tensors(layout: BlockLayout):
-    return (layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm)
+def _layout_tensors(layout: BlockLayout) -> List[Tensor]:
+    """The ``idx`` list the custom ops take (order: see the custom ops section)."""
+    return [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
+            layout.wgrad_groups, layout.wgrad_workspace, layout.wgrad_counters]
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
@@ -295,7 +293,7 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
         raise ValueError(f"x: expected last dim K = {k} (layout.shape[1]), got shape {list(x.shape)}")
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous tensor")
-    y = _linear(x.reshape(-1, k), values, *_layout_tensors(layout), bias, backend)
+    y = _linear(x.reshape(-1, k), values, _layout_tensors(layout), bias, backend)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -374,4 +372,4 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     if p < 1 or q < 1:
         raise ValueError(f"x: spatial size {list(x.shape[2:])} is smaller than kernel_size {ks} "
                          f"with padding {padding}")
-    return _conv2d(x, values, *_layout_tensors(layout), bias, ks, stride, padding, backend)
+    return _conv2d(x, values, _layout_tensors(layout), bias, ks, stride, padding, backend)

@@ -1,13 +1,18 @@
 """Test helpers: where the Triton kernels can run (CUDA, or CPU under the interpreter),
-and which compiled variants a sequence of launches would need.
+which compiled variants and autotune keys a sequence of launches would need, and what work
+(torch ops, kernel launches) a call does.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-__all__ = ["kernel_device", "kernels", "record_specializations", "SKIP_REASON", "BF16_SKIP_REASON"]
+__all__ = ["kernel_device", "kernels", "record_specializations", "record_autotune_keys", "record_work", "Work",
+           "SKIP_REASON", "BF16_SKIP_REASON"]
 
 
 def kernel_device() -> torch.device | None:
@@ -55,7 +60,7 @@ def record_specializations(arch: int = 90):
     hooked = []
     for name, tuner in kernels().items():
         fn = tuner.fn  # the jitted / interpreted function under the autotuner
-        jit = JITFunction(fn.fn)
+        jit = JITFunction(fn.fn, do_not_specialize=_jit_option(fn, "do_not_specialize"))
         binder = create_function_from_signature(jit.signature, jit.params, backend)
 
         def hook(*args, _name=name, _binder=binder, **kwargs):
@@ -69,3 +74,81 @@ def record_specializations(arch: int = 90):
     finally:
         for fn, hook in hooked:
             fn.pre_run_hooks.remove(hook)
+
+
+def _jit_option(fn, name: str):
+    """A ``triton.jit`` option of a jitted (``JITFunction``) or interpreted (``InterpretedFunction``) kernel."""
+    return getattr(fn, name, None) if hasattr(fn, name) else getattr(fn, "kwargs", {}).get(name)
+
+
+@contextlib.contextmanager
+def record_autotune_keys():
+    """Collect ``(kernel name, key)`` for every kernel launch inside the block, ``key`` being the values
+    of the autotuner's ``key`` arguments (``tuner.keys``), as the autotuner looks them up (it adds the
+    tensor dtypes). Works under the interpreter, where the single config skips the autotuner's cache."""
+    seen: list = []
+    hooked = []
+    for name, tuner in kernels().items():
+        fn = tuner.fn
+
+        def hook(*args, _name=name, _tuner=tuner, **kwargs):
+            named = {**dict(zip(_tuner.arg_names, args)), **kwargs}
+            seen.append((_name, tuple(named[k] for k in _tuner.keys if k in named)))
+
+        fn.add_pre_run_hook(hook)
+        hooked.append((fn, hook))
+    try:
+        yield seen
+    finally:
+        for fn, hook in hooked:
+            fn.pre_run_hooks.remove(hook)
+
+
+@dataclasses.dataclass
+class Work:
+    """What a block of code made the device do: ``ops`` counts the torch ops dispatched that are not
+    views (``"aten.empty"``, ``"blockdpr_kernels.conv2d"``, ...), including those inside this package's
+    custom ops but not those of a kernel launch itself; ``launches`` counts the launches per kernel
+    name of :func:`kernels` (one per call, whatever autotuning or the interpreter do inside it)."""
+    ops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    launches: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts non-view ops; runs this package's custom ops' implementations with the mode still on."""
+
+    def __init__(self, work: Work):
+        super().__init__()
+        self.work = work
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not func.is_view:
+            self.work.ops[f"{func.namespace}.{func._opname}"] += 1
+        if func.namespace == "blockdpr_kernels":
+            from torch._library.custom_ops import OPDEFS
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_work():
+    """Count the torch ops and kernel launches inside the block (see :class:`Work`). Each kernel
+    launch runs with the op counter off, so the interpreter's or the autotuner's own tensor work
+    is not counted."""
+    work = Work()
+    patched = []
+    for name, tuner in kernels().items():
+        def run(*args, _name=name, _run=tuner.run, **kwargs):
+            work.launches[_name] += 1
+            with _disable_current_modes():
+                return _run(*args, **kwargs)
+        tuner.run = run  # kernel[grid](...) calls self.run: the instance attribute wins
+        patched.append(tuner)
+    try:
+        with _OpCounter(work):
+            yield work
+    finally:
+        for tuner in patched:
+            del tuner.run

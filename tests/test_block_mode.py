@@ -18,10 +18,10 @@ def test_block_sparse_conv_matches_dense_conv_of_its_weight():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 48, 3, stride=2, padding=1, bias=False)
     mask = torch.rand(3, 18) < 0.5
-    layer = BlockSparseConv2d.from_conv(conv, (16, 16), mask)
+    layer = BlockSparseConv2d.from_dense(conv, block=(16, 16), mask=mask)
     x = torch.randn(3, 32, 9, 9)
-    torch.testing.assert_close(layer(x), F.conv2d(x, layer.dense_weight(), stride=2, padding=1), rtol=1e-5, atol=1e-5)
-    kept = weight_to_matrix(layer.dense_weight()).reshape(3, 16, 18, 16).ne(0).any(3).any(1)
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.to_dense(), stride=2, padding=1), rtol=1e-5, atol=1e-5)
+    kept = weight_to_matrix(layer.to_dense()).reshape(3, 16, 18, 16).ne(0).any(3).any(1)
     assert torch.equal(kept, mask)
 
 
@@ -106,7 +106,7 @@ def test_packed_reallocation_conserves_blocks_and_resets_new_state():
 def test_block_scores_are_mean_abs():
     _, _, _, sparsity = paired_models()
     m = sparsity.layers[0]
-    expected = block_means(weight_to_matrix(m.dense_weight()), (BLOCK, BLOCK)).reshape(-1)
+    expected = block_means(weight_to_matrix(m.to_dense()), (BLOCK, BLOCK)).reshape(-1)
     torch.testing.assert_close(sparsity.flat_scores()[: m.layout.mask.numel()], expected)
 
 

@@ -1,10 +1,11 @@
 """Block mode: sparse convs that store only their active blocks and run on blockdpr_kernels.
 
-A BlockSparseConv2d holds `values` [nnz, b_out, b_in] (the only parameter; its gradient and
-optimizer state have the same packed shape) and a BlockLayout of its weight matrix
-[C_out, kh * kw * C_in]. No dense copy of the weight exists. BlockSparsity is the storage the
-reallocator works on: a reallocation rebuilds each layer's values, optimizer state and layout,
-survivors keeping both, regrown blocks starting at zero with zero state.
+The layer is blockdpr_kernels.BlockSparseConv2d: `values` [nnz, b_out, b_in] (its only weight
+parameter; its gradient and optimizer state have the same packed shape) and a BlockLayout of its
+weight matrix [C_out, kh * kw * C_in]. No dense copy of the weight exists. BlockSparsity is the
+storage the reallocator works on: a reallocation gives each layer a new layout and values
+(`set_layout`) and the optimizer the matching state, survivors keeping both, regrown blocks
+starting at zero with zero state.
 """
 
 from __future__ import annotations
@@ -12,58 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockdpr_kernels import CONV_BLOCKS, BlockLayout, block_sparse_conv2d
+from blockdpr_kernels import CONV_BLOCKS, BlockLayout, BlockSparseConv2d
 
-from .blocks import block_grid, matrix_to_weight, weight_to_matrix
+from .blocks import block_grid, weight_to_matrix
 from .select import Segments
 from .structure import SparseStructure, random_structure
-
-
-class BlockSparseConv2d(nn.Module):
-    """Conv2d (no bias, groups 1) with a block-sparse weight.
-
-    Input float [B, C_in, H, W] (any memory format; channels_last avoids a copy), output
-    [B, C_out, P, Q] in channels_last. Under autocast, input and values run in the autocast dtype.
-    """
-
-    def __init__(self, weight_shape: tuple[int, int, int, int], stride: int, padding: int,
-                 block: tuple[int, int], mask: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.weight_shape = tuple(weight_shape)
-        self.stride, self.padding = stride, padding
-        self.block = tuple(block)
-        self.layout = BlockLayout(mask, self.block)
-        self.values = nn.Parameter(values)
-        self.layout.check_values(self.values)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, block: tuple[int, int], mask: torch.Tensor) -> "BlockSparseConv2d":
-        """Pack the blocks of `conv.weight` that `mask` [grid] keeps."""
-        if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] \
-                or conv.padding[0] != conv.padding[1]:
-            raise ValueError(f"only bias-free, ungrouped, undilated square convs can be block-sparse, got {conv}")
-        layout = BlockLayout(mask, tuple(block))
-        values = layout.pack(weight_to_matrix(conv.weight.detach()).contiguous()).contiguous()
-        return cls(tuple(conv.weight.shape), conv.stride[0], conv.padding[0], block, mask, values)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.values
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, values = x.to(dtype), values.to(dtype)
-        else:
-            values = values.to(x.dtype)
-        return block_sparse_conv2d(x.contiguous(memory_format=torch.channels_last), values, self.layout,
-                                   stride=self.stride, padding=self.padding, kernel_size=self.weight_shape[2:])
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense [C_out, C_in, kh, kw] tensor, zeros where pruned (for export)."""
-        return matrix_to_weight(self.layout.unpack(self.values.detach()), self.weight_shape).contiguous()
-
-    def extra_repr(self) -> str:
-        c_out, c_in, kh, kw = self.weight_shape
-        return (f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}, "
-                f"block={self.block}, nnz={self.layout.nnz}/{self.layout.grid[0] * self.layout.grid[1]}")
 
 
 class BlockSparsity(SparseStructure):
@@ -117,8 +71,7 @@ class BlockSparsity(SparseStructure):
             old_index[~keep] = -1
             source = old_index[new]  # new packed order = row-major over the new mask
             old = m.values
-            m.values = nn.Parameter(_gather_blocks(old.detach(), source))
-            m.layout = BlockLayout(new.view(grid), m.block)
+            m.set_layout(BlockLayout(new.view(grid), m.block), _gather_blocks(old.detach(), source))
             if optimizer is not None:
                 _replace_in_optimizer(optimizer, old, m.values, lambda t: _gather_blocks(t, source))
 
@@ -138,8 +91,8 @@ class BlockSparsity(SparseStructure):
             mask = masks[n]
             if mask.shape != m.layout.mask.shape or mask.dtype != torch.bool:
                 raise ValueError(f"block mask of {n} must be bool {tuple(m.layout.mask.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-            m.layout = BlockLayout(mask.to(m.values.device), m.block)
-            m.values = nn.Parameter(m.values.new_zeros(m.layout.nnz, *m.block))
+            layout = BlockLayout(mask.to(m.values.device), m.block)
+            m.set_layout(layout, m.values.new_zeros(layout.nnz, *m.block))
 
 
 def _replace_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, remap) -> None:
@@ -181,7 +134,7 @@ def to_block_sparse(model: nn.Module, names: list[str], block: int, sparsity: fl
         masks = {n: m.view(grids[n]) for n, m in zip(blockable, segments.split(flat))}
     layers = {}
     for name, conv in blockable.items():
-        layer = BlockSparseConv2d.from_conv(conv, (block, block), masks[name].to(conv.weight.device))
+        layer = BlockSparseConv2d.from_dense(conv, block=(block, block), mask=masks[name].to(conv.weight.device))
         parent_name, _, attr = name[: -len(".weight")].rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, layer)
         layers[name] = layer
@@ -195,7 +148,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in model.named_modules():
         if isinstance(m, BlockSparseConv2d):
             del state[f"{name}.values"]
-            state[f"{name}.weight"] = m.dense_weight()
+            state[f"{name}.weight"] = m.to_dense()
     return state
 
 
@@ -211,7 +164,6 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
                 found = None if weight is None else tuple(weight.shape)
                 raise ValueError(f"dense state_dict needs {name}.weight of shape {m.weight_shape}, found {found}")
             matrix = weight_to_matrix(weight.to(m.values.device, m.values.dtype)).contiguous()
-            m.layout = BlockLayout.from_dense(matrix, m.block)
-            m.values = nn.Parameter(m.layout.pack(matrix))
-            state[f"{name}.values"] = m.values.detach()
+            layout = BlockLayout.from_dense(matrix, m.block)
+            state[f"{name}.values"] = m.set_layout(layout, layout.pack(matrix)).detach()
     model.load_state_dict(state)

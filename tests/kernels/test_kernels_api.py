@@ -108,7 +108,8 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
 
 
 def test_public_api():
-    for name in ("BlockLayout", "block_sparse_linear", "block_sparse_conv2d", "from_dense", "to_dense"):
+    for name in ("BlockLayout", "block_sparse_linear", "block_sparse_conv2d", "from_dense", "to_dense",
+                 "BlockSparseConv2d", "BlockSparseLinear"):
         assert name in bk.__all__ and hasattr(bk, name)
 
 
@@ -215,7 +216,7 @@ def test_autocast_casts_inputs_like_dense_ops():
 
 
 def test_config_pruning_keeps_a_config_and_drops_known_bad_tiles():
-    """conv.prune_configs (the autotuners' early_config_prune): figures from bench/kernel_report.py."""
+    """conv.prune_configs (the autotuners' early_config_prune): figures from bench/aot.py."""
     import triton
     fits = ops.conv.config_fits
     cfg = lambda bm, w, s=3: triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)  # noqa: E731
@@ -233,6 +234,9 @@ def test_config_pruning_keeps_a_config_and_drops_known_bad_tiles():
     assert not fits("wgrad", cfg(128, 8, 4), 64, 64, 4, 227 * 1024, True)  # 257 KB
     assert not fits("fwd", cfg(128, 8, 4), 128, 128, 2, 227 * 1024, True)  # 4 stages of 64 KB
     assert not fits("fwd", cfg(64, 8, 2), 32, 32, 2, 163 * 1024, False)   # 2 stages: 1 buffer on sm_80
+    assert not fits("dgrad", cfg(256, 4, 4), 16, 16, 2, 163 * 1024, False)  # 8 B spill on sm_80
+    assert fits("dgrad", cfg(256, 8, 4), 16, 16, 2, 163 * 1024, False)
+    assert fits("dgrad", cfg(256, 4, 4), 16, 16, 2, 227 * 1024, True)
     assert fits("fwd", cfg(128, 8, 2), 128, 128, 2, 227 * 1024, True)
     assert fits("fwd", cfg(128, 4, 4), 32, 32, 2, 227 * 1024, True)
     assert fits("wgrad", cfg(128, 4, 4), 32, 32, 2, 227 * 1024, True)

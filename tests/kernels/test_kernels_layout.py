@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from blockdpr_kernels import BlockLayout, from_dense, to_dense
+from blockdpr_kernels.layout import density_bucket, wgrad_group
 
 
 @st.composite
@@ -79,3 +80,24 @@ def test_layout_bad_input():
         layout.unpack(torch.ones(4, 16, 16, device="meta"))
     with pytest.raises(ValueError, match="block"):
         from_dense(torch.ones(32, 32), (16, 32), layout=layout)
+
+
+@pytest.mark.parametrize("g,bk", [(1, 64), (2, 32), (4, 16)])
+def test_weight_grad_groups(g, bk):
+    """The layout's runs of up to g = 64 // bk blocks of one block row, one weight-gradient program each."""
+    counts = torch.tensor([5, 0, 9, 3, 1, 0, 4])
+    mask = torch.arange(10)[None, :] < counts[:, None]  # row r keeps its first counts[r] blocks
+    layout = BlockLayout(mask, (16, bk))
+    assert wgrad_group(bk) == g
+    groups = layout.wgrad_groups
+    nnz = int(counts.sum())
+    assert groups.dtype == torch.int32 and groups.shape == (nnz // g + len(counts) + 1, 2)
+    first = [int(counts[:r].sum()) for r in range(len(counts))]
+    expected = [(first[r] + i, first[r] + min(i + g, int(counts[r])))
+                for r in range(len(counts)) for i in range(0, int(counts[r]), g)]
+    assert [tuple(t) for t in groups[:len(expected)].tolist()] == expected
+    assert groups[len(expected):].eq(0).all(), "unused rows are empty runs"
+
+
+def test_density_bucket():
+    assert [density_bucket(nnz, 20) for nnz in (0, 20, 60, 360, 3600)] == [0, 1, 2, 5, 8]

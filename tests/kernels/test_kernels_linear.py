@@ -115,16 +115,3 @@ def test_linear_weight_grad_groups_end_at_row_ends(block):
     mask[2, :] = True
     mask[3, [1, 4, 7]] = True
     check_linear(mask, block, (21,), torch.float32, with_bias=False)
-
-
-@pytest.mark.parametrize("g", [1, 2, 4])
-def test_weight_grad_groups(g):
-    counts = torch.tensor([5, 0, 9, 3, 1, 0, 4])
-    row_idx = torch.repeat_interleave(torch.arange(len(counts)), counts).to(torch.int32)
-    groups = _conv._groups(row_idx, g, len(counts))
-    assert groups.dtype == torch.int32 and groups.shape == (min(len(row_idx), len(row_idx) // g + len(counts)), 2)
-    first = [int(counts[:r].sum()) for r in range(len(counts))]
-    expected = [(first[r] + i, first[r] + min(i + g, int(counts[r])))
-                for r in range(len(counts)) for i in range(0, int(counts[r]), g)]
-    assert [tuple(t) for t in groups[:len(expected)].tolist()] == expected
-    assert groups[len(expected):].eq(0).all(), "unused rows are empty runs"
