@@ -2,10 +2,11 @@
 
     python bench/memory.py                       # WRN-28-2 and WRN-28-10, sparsity 0.8 / 0.9, blocks 16 / 32 / 64
     python bench/memory.py --models 28-2 --sparsities 0.9 --blocks 32 --json out.json
+    python -m bench.memory --blocks 16,32                  # list flags take commas or spaces
 
 Nothing is estimated from formulas: each configuration takes one real SGD step (momentum,
 weight decay) on a batch of 2 images, then the bytes of every tensor that the sparse layers own
-are added up: the weights (dense) or packed values plus the layout's index tensors (block mode),
+are added up: the weights (dense) or packed values plus every tensor of the layout (block mode),
 their gradients and their momentum buffers. Runs on the CPU; the byte counts are the same on a GPU.
 Layers the block does not tile stay dense in block mode and are counted as dense there too.
 """
@@ -13,8 +14,7 @@ Layers the block does not tile stay dense in block mode and are counted as dense
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import re
 from pathlib import Path
 
 import torch
@@ -22,17 +22,25 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from blockdpr.models import WideResNet, sparse_parameters  # noqa: E402
-from blockdpr.sparsity.packed import to_block_sparse  # noqa: E402
-from blockdpr.train import git_commit, versions  # noqa: E402
+from blockdpr.cli import RawHelpFormatter, add_list_argument
+from blockdpr.models import WideResNet, sparse_parameters
+from blockdpr.runinfo import atomic_write_json, provenance
+from blockdpr.sparsity.packed import to_block_sparse
+from blockdpr_kernels import CONV_BLOCKS
 
 
 def nbytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor's elements (0 for None)."""
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def layout_nbytes(layout) -> int:
+    """Bytes of every tensor a BlockLayout holds (mask, index tensors, weight-gradient workspace...)."""
+    return sum(nbytes(t) for t in vars(layout).values() if torch.is_tensor(t))
+
+
 def train_step(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """One SGD step (Nesterov momentum, weight decay) on 2 random 32x32 images; returns the optimizer."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
     optimizer.step()
@@ -49,6 +57,7 @@ def parameter_state_bytes(params: list[torch.nn.Parameter], optimizer: torch.opt
 
 
 def measure(depth: int, width: int, sparsity: float, block: int) -> dict:
+    """Bytes of the sparse layers of WRN-depth-width, dense against block mode (one row of the table)."""
     torch.manual_seed(0)
     dense_model = WideResNet(depth, width)
     names = list(sparse_parameters(dense_model))
@@ -58,9 +67,7 @@ def measure(depth: int, width: int, sparsity: float, block: int) -> dict:
     structure, kept_dense = to_block_sparse(model, names, block, sparsity, seed=0)
     optimizer = train_step(model)
     still_dense = [p for n, p in model.named_parameters() if n in kept_dense]
-    layout_bytes = sum(nbytes(t) for m in structure.layers for t in
-                       (m.layout.mask, m.layout.row_ptr, m.layout.col_idx, m.layout.row_idx,
-                        m.layout.col_ptr, m.layout.col_row_idx, m.layout.col_perm))
+    layout_bytes = sum(layout_nbytes(m.layout) for m in structure.layers)
     block_bytes = parameter_state_bytes(structure.params + still_dense, optimizer) + layout_bytes
     density = sum(structure.nonzero_counts()) / sum(structure.dense_numels)
     return {
@@ -72,15 +79,26 @@ def measure(depth: int, width: int, sparsity: float, block: int) -> dict:
     }
 
 
+def wrn_pair(text: str) -> tuple[int, int]:
+    """'28-10' -> (28, 10): a WRN depth = 6n + 4 >= 10 and width >= 1."""
+    m = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not m or (int(m[1]) - 4) % 6 or int(m[1]) < 10 or int(m[2]) < 1:
+        raise ValueError("expected DEPTH-WIDTH with DEPTH = 6n + 4 >= 10, e.g. 28-10")
+    return int(m[1]), int(m[2])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["28-2", "28-10"], help="WRN depth-width pairs")
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9])
-    parser.add_argument("--blocks", nargs="+", type=int, default=[16, 32, 64])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
+    add_list_argument(parser, "--models", type=wrn_pair, default=[(28, 2), (28, 10)], metavar="D-W",
+                      help="WRN depth-width pairs (default: 28-2 28-10)")
+    add_list_argument(parser, "--sparsities", type=float, default=[0.8, 0.9], help="fractions of weights pruned")
+    add_list_argument(parser, "--blocks", type=int, choices=CONV_BLOCKS, default=[16, 32, 64], help="block sizes")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if bad := [s for s in args.sparsities if not 0 < s < 1]:
+        parser.error(f"--sparsities: every sparsity must be in (0, 1), got {bad}")
 
-    rows = [measure(*map(int, m.split("-")), s, b) for m in args.models for s in args.sparsities for b in args.blocks]
+    rows = [measure(d, w, s, b) for d, w in args.models for s in args.sparsities for b in args.blocks]
     table = Table(title="sparse layers: parameters + gradients + SGD momentum (bytes)")
     for col in ("model", "sparsity", "block", "dense MB", "block MB", "block / dense", "/ (1 - s)", "kept dense"):
         table.add_column(col, justify="right")
@@ -90,10 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       str(len(r["layers_kept_dense"])))
     Console(width=140).print(table)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "versions": versions(),
-                  "device": "cpu (byte counts do not depend on the device)", "rows": rows}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        record = provenance("cpu", None if argv is None else ["-m", "bench.memory", *argv])
+        atomic_write_json(args.json, dict(record, note="byte counts do not depend on the device", rows=rows))
     return rows
 
 

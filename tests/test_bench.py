@@ -1,5 +1,6 @@
-"""bench/throughput.py: the shape table, flag validation, sharding, targets, and the CPU smoke run
-(the mode CI runs: it must finish, write the JSON / PNG / markdown, and say its timings mean nothing)."""
+"""bench/throughput.py and its parts: the shape table, flag validation, sharding, targets, the
+correctness check that fails a wrong kernel's rows, the timer, and the CPU smoke run (the mode CI
+runs: it must finish, write the JSON / PNG / markdown, and say its timings mean nothing)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import layers, report, timing
+from bench import throughput as tp
+from bench.roofline import layer_roofline
+from blockdpr.models import WideResNet, sparse_parameters
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from bench import throughput as tp  # noqa: E402
-from blockdpr.models import WideResNet, sparse_parameters  # noqa: E402
 
 
 def wrn_sparse_conv_shapes(depth: int, width: int) -> collections.Counter:
@@ -63,30 +66,12 @@ def test_resnet50_rows():
     assert len(ids) == len(set(ids))
 
 
-def test_conv_rows_agree_with_kernel_report():
-    """bench/kernel_report.py types the same benchmark shapes for its roofline: the two tables agree."""
-    if tp.kernel_report is None:
-        pytest.skip("bench/kernel_report.py not present")
-    theirs = collections.Counter()
-    for model, _, s, count in tp.kernel_report.benchmark_shapes(batch=256):
-        if model != "linear":
-            theirs[(model.lower(), s.c_in, s.c_out, s.kernel, s.stride, s.h)] += count
-    ours = collections.Counter()
-    for s in tp.SHAPES:
-        if s.kind == "conv" and s.model != "smoke":
-            ours[(s.model, s.c_in, s.c_out, s.k, s.stride, s.hw)] += s.count
-    assert ours == theirs
-
-
 def test_roofline_ceiling_of_a_row():
-    if tp.kernel_report is None:
-        pytest.skip("bench/kernel_report.py not present")
-    cfg = dict(conv_batch=256, tokens=8192)
     g3 = next(s for s in tp.SHAPES if s.id == "wrn-28-10/g3")
-    r = tp.roofline(g3, cfg, 0.1, 32, "fwdbwd", "bf16", "NVIDIA H100 80GB HBM3")
+    r = layer_roofline(g3, 256, 8192, 0.1, 32, "fwdbwd", "bf16", "NVIDIA H100 80GB HBM3")
     assert r["roofline_device"] == "h100-sxm" and 1 < r["roofline_ceiling"] <= 10 + 1e-9
     assert r["roofline_ms"] < r["roofline_dense_ms"]
-    assert tp.roofline(g3, cfg, 0.1, 32, "fwd", "bf16", "NVIDIA L4") == {}  # no model for that GPU
+    assert layer_roofline(g3, 256, 8192, 0.1, 32, "fwd", "bf16", "NVIDIA L4") == {}  # no model for that GPU
 
 
 def test_linear_rows_and_ids():
@@ -97,7 +82,7 @@ def test_linear_rows_and_ids():
 def test_exact_mask_keeps_exactly_the_block_count():
     gen = torch.Generator().manual_seed(0)
     for grid, density, expected in [((20, 180), 0.1, 360), ((4, 4), 0.02, 1), ((3, 5), 1.0, 15), ((10, 10), 0.55, 55)]:
-        assert int(tp.exact_mask(grid, density, gen).sum()) == expected
+        assert int(layers.exact_mask(grid, density, gen).sum()) == expected
 
 
 def parse(argv, cuda=True):
@@ -152,7 +137,7 @@ def test_targets_read_the_rows():
               "training": [dict(model="wrn-28-10", mode="block", sparsity=0.9, dtype="bf16", batch=128, block=32,
                                 speedup=3.2)],
               "memory": [dict(model="WRN-28-10", sparsity=0.9, block=32, ratio=0.12)]}
-    got = {t["target"]: t for t in tp.targets(result)}
+    got = {t["target"]: t for t in report.targets(result)}
     met = {k.split(", ")[-1] if "conv" in k else k: t["met"] for k, t in got.items()}
     assert met["x cuDNN at 90%"] is True and met["x cuDNN at 80%"] is False and met["x cuDNN at 50%"] is None
     assert [t["met"] for k, t in got.items() if k.startswith("WRN-28-10 step")] == [True]
@@ -164,7 +149,7 @@ def smoke_run(tmp_path_factory):
     """`python bench/throughput.py` on this CPU-only machine: the forced smoke mode, as CI runs it."""
     out = tmp_path_factory.mktemp("smoke")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # one thread: far faster on a busy CI box
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--out", str(out), "--cpu-reps", "1"],
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--out", str(out), "--cpu-reps", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
@@ -177,9 +162,10 @@ def test_smoke_run_writes_json_png_and_tables(smoke_run):
         assert title in stdout
     result = json.loads((out / "throughput-smoke.json").read_text())
     assert result["timings_meaningless"] is True and result["smoke"] is True and result["complete"] is True
-    for key in ("environment", "git", "command", "config", "layers", "training", "memory", "targets"):
+    for key in ("provenance", "config", "layers", "training", "memory", "targets"):
         assert key in result
-    assert {"torch", "triton", "cuda", "gpu_name", "driver"} <= set(result["environment"])
+    assert {"torch", "triton", "cuda"} <= set(result["provenance"]["versions"])
+    assert result["provenance"]["git"]["commit"] and "bench/throughput.py" in result["provenance"]["command"]
     impls = collections.Counter((r["impl"], r.get("pass")) for r in result["layers"] if r["status"] == "ok")
     for impl in ("dense", "masked", "block"):
         assert all(impls[(impl, p)] for p in tp.PASSES), impl
@@ -190,8 +176,8 @@ def test_smoke_run_writes_json_png_and_tables(smoke_run):
     block = [r for r in result["layers"] if r["impl"] == "block" and r["status"] == "ok"]
     assert {r["sparsity"] for r in block} == {0.0, 0.5, 0.9} and {r["block"] for r in block} == {16, 32}
     assert all(abs(r["ideal"] - 1 / r["density"]) < 1e-9 for r in block)
-    if tp.kernel_report is not None:  # the H100 roofline ceiling is shown even without a GPU
-        assert all(r["roofline_ceiling"] > 0 for r in block)
+    assert all(r["roofline_ceiling"] > 0 for r in block)  # the H100 roofline ceiling is shown even without a GPU
+    assert all(r["check"] == "ok" and set(r["check_errors"]) == {"y", "dx", "dw"} for r in block)
     modes = {(r["mode"], r["block"]) for r in result["training"] if r["status"] == "ok"}
     assert modes == {("dense", None), ("element", None), ("block", 16), ("block", 32)}
     assert all(r["images_per_s"] > 0 and r["state_bytes"] > 0 for r in result["training"])
@@ -213,10 +199,10 @@ def test_report_merges_shards(smoke_run, tmp_path, capsys):
     written = json.loads((tmp_path / "m" / "throughput-smoke-merged.json").read_text())
     assert len(written["layers"]) == len(result["layers"])
     assert "targets" in capsys.readouterr().out
-    b["environment"] = dict(b["environment"], gpu_name="Other GPU")
+    b["provenance"] = dict(b["provenance"], device=dict(b["provenance"]["device"], gpu_name="Other GPU"))
     (tmp_path / "b.json").write_text(json.dumps(b))
     with pytest.raises(SystemExit, match="different devices"):
-        tp.merge([tmp_path / "a.json", tmp_path / "b.json"])
+        report.merge([tmp_path / "a.json", tmp_path / "b.json"])
 
 
 def test_list_prints_the_plan(capsys):
@@ -225,26 +211,52 @@ def test_list_prints_the_plan(capsys):
     assert "SHAPE_TABLE" in text and "wrn-28-10/g3" in text and "work items" in text
 
 
-def test_cuda_timer_loop_with_fake_events(monkeypatch):
-    """The CUDA branch of time_ms (no GPU here): fake events on the CPU clock; repeats capped by --max-ms."""
-    import time as time_module
+def test_cuda_timing_goes_through_do_bench_and_keeps_raw_times(monkeypatch):
+    """The CUDA branch of the timer (no GPU here): triton.testing.do_bench with return_mode="all"."""
+    import triton.testing
 
-    class Event:
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self):
-            self.t = time_module.perf_counter()
-
-        def elapsed_time(self, other):
-            return (other.t - self.t) * 1e3
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(tp, "_l2_flush_buffer", lambda: torch.empty(16))
     calls = []
-    cfg = dict(device="cuda", warmup_ms=5, repeats=7, max_ms=1e6)
-    times = tp.time_ms(lambda: calls.append(time_module.sleep(0.002)), cfg)
-    assert len(times) == 7 and all(t >= 1.5 for t in times)
-    assert len(calls) >= 1 + 3 + 1 + 7
-    assert len(tp.time_ms(lambda: time_module.sleep(0.002), dict(cfg, max_ms=4))) == 3  # at least 3 repeats
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        calls.append((warmup, rep, return_mode))
+        fn()
+        return [0.5, 0.25, 0.75]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    ran = []
+    assert timing.time_ms(lambda: ran.append(1), "cuda", warmup_ms=5, rep_ms=40) == [0.5, 0.25, 0.75]
+    assert calls == [(5, 40, "all")] and ran == [1]
+    assert timing.stats([0.5, 0.25, 0.75])["median_ms"] == 0.5
+    cpu = timing.time_ms(lambda: ran.append(1), "cpu", cpu_reps=4)
+    assert len(cpu) == 4 and len(ran) == 1 + 5  # one warm-up call, then the timed ones
+
+
+def _smoke_layer_rows(name: str):
+    cfg = parse(["--smoke", "--sparsities", "0.5", "--blocks", "16", "--cpu-reps", "1"], cuda=False)
+    return layers.layer_rows(next(s for s in tp.SHAPES if s.id == f"smoke/{name}"), "fp32", cfg, None,
+                             lambda *a: None)
+
+
+@pytest.mark.parametrize("name, op", [("linear", "block_sparse_linear"), ("conv3x3", "block_sparse_conv2d")])
+@pytest.mark.parametrize("wrong", ["forward", "gradients"])
+def test_a_wrong_kernel_fails_its_rows_and_is_not_timed(monkeypatch, name, op, wrong):
+    """Correctness before speed: an injected kernel 1% off in its output (or 5% off in its gradients
+    only) makes every block row of that case failed, with the error named, and no time recorded."""
+    real = getattr(layers, op)
+
+    def bad(*args, **kwargs):
+        y = real(*args, **kwargs)
+        return y * 1.01 if wrong == "forward" else y + 0.05 * (y - y.detach())
+
+    good = [r for r in _smoke_layer_rows(name) if r["impl"] == "block"]
+    assert good and all(r["status"] == "ok" and r["check"] == "ok" for r in good)
+    monkeypatch.setattr(layers, op, bad)
+    rows = _smoke_layer_rows(name)
+    block = [r for r in rows if r["impl"] == "block"]
+    assert {r["pass"] for r in block} == set(tp.PASSES)
+    for r in block:
+        assert r["status"] == "failed" and r["check"] == "failed" and "times_ms" not in r and "speedup" not in r
+        assert "wrong result against the dense op" in r["error"]
+        bad_tensors = {k for k, e in r["check_errors"].items() if e > r["check_tol"]}
+        assert bad_tensors == ({"y", "dx", "dw"} if wrong == "forward" else {"dx", "dw"})
+    assert all(r["status"] == "ok" for r in rows if r["impl"] in ("dense", "masked"))  # the peers still run

@@ -1,13 +1,13 @@
 """GPU readiness without a GPU: compile every Triton kernel ahead of time for Hopper and Ampere,
-report registers, spills, shared memory and tensor-core use, plus a roofline model.
+report registers, spills, shared memory and tensor-core use, plus the roofline table.
 
-    python bench/kernel_report.py                    # full matrix: kernels x configs x dtypes x blocks x sm_90/sm_80
-    python bench/kernel_report.py --quick            # one block size per variant (32), all configs
-    python bench/kernel_report.py --rows problems    # list only rows with errors, spills, smem overflow, no MMA
-    python bench/kernel_report.py --skip-compile     # roofline only (no triton needed)
-    python bench/kernel_report.py --extra-config BLOCK_M=512,num_warps=4,num_stages=4   # try a config of your own
+    python -m bench.aot                    # full matrix: kernels x configs x dtypes x blocks x sm_90/sm_80
+    python -m bench.aot --quick            # one block size per variant (32), all configs
+    python -m bench.aot --rows problems    # list only rows with errors, spills, smem overflow, no MMA
+    python -m bench.aot --skip-compile     # roofline only (no triton needed)
+    python -m bench.aot --extra-config BLOCK_M=512,num_warps=4,num_stages=4   # try a config of your own
 
-Part 1 (compile). Every kernel of ``blockdpr_kernels`` (``kernels/``) x every autotune config it
+Part 1 (compile). Every kernel of ``blockdpr_kernels`` x every autotune config it
 can pick x dtype (bf16, fp16, fp32 as TF32) x supported block size x variant (linear: the 1x1
 conv over M pixels with unit spatial size, as matmul.py launches it; conv3x3: stride 1 pad 1)
 is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90|80, 32))`` -- no
@@ -21,29 +21,22 @@ errors. Integer arguments are specialised as the runtime does (== 1 -> constant,
 Compiles run in worker subprocesses with ``TRITON_INTERPRET`` removed from their environment, so
 this works from a pytest session that runs the kernels under the interpreter (which also swaps
 the autotune config list for a single small one at import). Results are cached per (source of
-kernels/*.py, triton version, job) under ``$BLOCKDPR_AOT_CACHE`` (default
+blockdpr_kernels/*.py, triton version, job) under ``$BLOCKDPR_AOT_CACHE`` (default
 ``~/.cache/blockdpr/aot``); Triton's own cache keeps the cubins.
 
-Part 2 (roofline). For the benchmark shapes (WRN-28-2 / WRN-28-10 / ResNet-50 conv layers, square
-linears), each density and block: FLOPs and the minimum bytes moved (activations in/out once,
-packed weights, index arrays) for forward, input gradient and weight gradient; time =
-max(FLOPs / peak, bytes / bandwidth) on an H100 SXM; the ceiling on speedup against dense.
-``predict()`` and ``dense_prediction()`` are importable without torch or triton:
-
-    sys.path.insert(0, "bench"); from kernel_report import predict, dense_prediction, ConvShape
-    predict("fwd", ConvShape(256, 640, 640, 8, 8), density=0.1, block=32, dtype="bf16")
+Part 2 (roofline). The model of :mod:`bench.roofline` over the benchmark layers of
+:mod:`bench.shapes`, per density and block: each op's predicted time and the speedup ceiling.
 
 The one table to update when a kernel changes is KERNELS (with VARIANTS / DTYPES next to it).
+The compile workers are ``python -m bench.aot_worker`` processes.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import platform
 import queue
 import re
 import subprocess
@@ -53,6 +46,13 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+if __package__ in (None, ""):  # `python bench/aot.py`: the repository root makes `bench` importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from bench.roofline import DEVICES, ELEMENT_BYTES, print_roofline, roofline_report
+from blockdpr.cli import RawHelpFormatter, add_list_argument, escape
+from blockdpr.runinfo import atomic_write_text, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_DIR = ROOT / "blockdpr_kernels"
@@ -74,17 +74,20 @@ KERNELS: dict[str, dict[str, Any]] = {
                   constexprs={}),
     "wgrad": dict(obj="conv._wgrad_kernel",
                   pointers=dict(x_ptr="T", dy_ptr="T", groups="i32", row_idx="i32", col_idx="i32",
-                                dv_ptr="fp32"),
+                                dv_ptr="T", ws_ptr="fp32", count_ptr="i32"),
                   constexprs={}),
 }
+# The density bucket is an autotune-key int the kernels do not specialise on (do_not_specialize):
+# any value that is neither 1 nor a multiple of 16 compiles it as the runtime does, a plain i32.
+DENSITY_BUCKET = 3
 # How the kernels are launched: geometry ints (specialised like the runtime: 1 -> constexpr) and
 # constexprs; block sizes from blockdpr_kernels.ops.<blocks>; block constexpr names (rows, cols).
 VARIANTS: dict[str, dict[str, Any]] = {
     "linear": dict(blocks="LINEAR_BLOCKS", block_args=("BN", "BK"),
-                   ints=dict(M=8192, H=1, W=1, P=1, Q=1, C_IN=4096, C_OUT=4096),
+                   ints=dict(M=8192, H=1, W=1, P=1, Q=1, C_IN=4096, C_OUT=4096, DENSITY=DENSITY_BUCKET),
                    constexprs=dict(R=1, S=1, STRIDE=1, PAD=0)),
     "conv3x3": dict(blocks="CONV_BLOCKS", block_args=("BN", "BK"),
-                    ints=dict(M=256 * 8 * 8, H=8, W=8, P=8, Q=8, C_IN=640, C_OUT=640),
+                    ints=dict(M=256 * 8 * 8, H=8, W=8, P=8, Q=8, C_IN=640, C_OUT=640, DENSITY=DENSITY_BUCKET),
                     constexprs=dict(R=3, S=3, STRIDE=1, PAD=1)),
 }
 # dtype -> triton element type of "T" pointers and constexprs (fp32 runs as TF32 on tensor cores).
@@ -106,264 +109,6 @@ TARGETS: dict[int, dict[str, Any]] = {
 TC_INSTRUCTIONS = ("HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA", "UTCHMMA", "UTCQMMA")
 REPRESENTATIVE_BLOCK = 32
 ANALYSIS_VERSION = 1  # bump when the worker's per-cubin analysis changes (invalidates cached rows)
-
-
-# ============================================================================ roofline model
-@dataclasses.dataclass(frozen=True)
-class ConvShape:
-    """conv2d on ``x [batch, c_in, h, w]`` with a ``kernel x kernel`` filter to ``c_out`` channels."""
-    batch: int
-    c_in: int
-    c_out: int
-    h: int
-    w: int
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-
-    @property
-    def p(self) -> int:
-        return (self.h + 2 * self.padding - self.kernel) // self.stride + 1
-
-    @property
-    def q(self) -> int:
-        return (self.w + 2 * self.padding - self.kernel) // self.stride + 1
-
-    @property
-    def gemm(self) -> tuple[int, int, int]:
-        """(M output pixels, N = c_out, K = kernel^2 * c_in) of the implicit GEMM."""
-        return self.batch * self.p * self.q, self.c_out, self.kernel * self.kernel * self.c_in
-
-    @property
-    def in_elems(self) -> int:
-        return self.batch * self.h * self.w * self.c_in
-
-    @property
-    def in_channels(self) -> int:
-        return self.c_in
-
-    def describe(self) -> str:
-        s = f"conv{self.kernel}x{self.kernel} {self.c_in}->{self.c_out} {self.h}x{self.w}"
-        return s + (f" s{self.stride}" if self.stride != 1 else "") + f" b{self.batch}"
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearShape:
-    """``x [m, k] @ W[n, k]^T``."""
-    m: int
-    n: int
-    k: int
-
-    @property
-    def gemm(self) -> tuple[int, int, int]:
-        return self.m, self.n, self.k
-
-    @property
-    def in_elems(self) -> int:
-        return self.m * self.k
-
-    @property
-    def in_channels(self) -> int:
-        return self.k
-
-    def describe(self) -> str:
-        return f"linear {self.k}->{self.n} m{self.m}"
-
-
-# Peak dense tensor-core FLOP/s per math type (no 2:4 sparsity) and HBM bandwidth (B/s).
-DEVICES: dict[str, dict[str, Any]] = {
-    "h100-sxm": dict(name="H100 SXM", bandwidth=3.35e12,
-                     flops=dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12)),
-    "h200": dict(name="H200", bandwidth=4.8e12,
-                 flops=dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12)),
-    "a100-sxm": dict(name="A100 SXM", bandwidth=2.039e12,
-                     flops=dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
-}
-ELEMENT_BYTES = dict(bf16=2, fp16=2, tf32=4, fp32=4)
-INDEX_BYTES = 4
-OPS = {"fwd": "fwd", "forward": "fwd", "dgrad": "dgrad", "grad_input": "dgrad", "input_grad": "dgrad",
-       "wgrad": "wgrad", "grad_weight": "wgrad", "weight_grad": "wgrad"}
-
-
-def _as_shape(shape) -> ConvShape | LinearShape:
-    if isinstance(shape, (ConvShape, LinearShape)):
-        return shape
-    if isinstance(shape, dict):
-        return LinearShape(**shape) if set(shape) == {"m", "n", "k"} else ConvShape(**shape)
-    shape = tuple(int(v) for v in shape)
-    if len(shape) == 3:
-        return LinearShape(*shape)
-    if 5 <= len(shape) <= 8:
-        return ConvShape(*shape)
-    raise ValueError(f"shape: expected ConvShape, LinearShape, dict, (m, n, k) or "
-                     f"(batch, c_in, c_out, h, w[, kernel, stride, padding]); got {shape!r}")
-
-
-def _as_op(op: str) -> str:
-    key = str(op).lower()
-    for prefix in ("linear_", "conv_", "conv2d_"):
-        key = key.removeprefix(prefix)
-    if key not in OPS:
-        raise ValueError(f"op: expected one of {sorted(OPS)}, got {op!r}")
-    return OPS[key]
-
-
-def _as_dtype(dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    name = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}.get(name, name)
-    if name not in ELEMENT_BYTES:
-        raise ValueError(f"dtype: expected one of {sorted(ELEMENT_BYTES)} or a torch dtype, got {dtype!r}")
-    return name
-
-
-def _model(op: str, shape, nnz_elems: int, index_bytes: int, dtype: str, device: str) -> dict:
-    op, shape, dtype = _as_op(op), _as_shape(shape), _as_dtype(dtype)
-    if device not in DEVICES:
-        raise ValueError(f"device: expected one of {sorted(DEVICES)}, got {device!r}")
-    dev = DEVICES[device]
-    m, n, _ = shape.gemm
-    e = ELEMENT_BYTES[dtype]
-    x_bytes, y_bytes, w_bytes = e * shape.in_elems, e * m * n, e * nnz_elems
-    flops = 2 * m * nnz_elems
-    # forward reads x and W, writes y; dgrad reads dy and W, writes dx; wgrad reads x and dy, writes dW
-    moved = x_bytes + y_bytes + w_bytes + index_bytes
-    compute_s, memory_s = flops / dev["flops"][dtype], moved / dev["bandwidth"]
-    return dict(op=op, shape=shape.describe(), dtype=dtype, device=device, flops=flops, bytes=moved,
-                intensity=flops / moved if moved else 0.0, compute_s=compute_s, memory_s=memory_s,
-                seconds=max(compute_s, memory_s), bound="compute" if compute_s >= memory_s else "memory")
-
-
-def block_count(shape, density: float, block) -> tuple[int, int, int]:
-    """(nnz, block rows, block cols) of a layout keeping ``density`` of the ``[N, K]`` weight's blocks."""
-    shape = _as_shape(shape)
-    bn, bk = (block, block) if isinstance(block, int) else tuple(block)
-    _, n, k = shape.gemm
-    if n % bn or shape.in_channels % bk:
-        raise ValueError(f"block {bn}x{bk} does not tile {shape.describe()} (N={n}, C_in={shape.in_channels})")
-    rows, cols = n // bn, k // bk
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density: expected a fraction of blocks kept in (0, 1], got {density}")
-    return max(1, int(round(density * rows * cols))), rows, cols
-
-
-def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm") -> dict:
-    """Roofline prediction for one block-sparse kernel launch.
-
-    op: "fwd" | "dgrad" | "wgrad" (aliases forward / grad_input / grad_weight, "linear_"/"conv_" prefix ok).
-    shape: ConvShape, LinearShape, (m, n, k) for a linear, (batch, c_in, c_out, h, w[, kernel, stride,
-        padding]) for a conv, or a dict of either's fields.
-    density: fraction of weight blocks kept (1 - sparsity); nnz = max(1, round(density * blocks)).
-    block: int or (bn, bk). dtype: "bf16" | "fp16" | "tf32" | "fp32" (CUDA-core fp32) or a torch dtype.
-    Returns dict(flops, bytes, seconds, compute_s, memory_s, bound, intensity, nnz, density, ...):
-    minimum bytes = activations read / written once + packed weights (or their gradient) + the
-    int32 index arrays the op reads; seconds = max(flops / peak, bytes / bandwidth).
-    """
-    shape = _as_shape(shape)
-    op = _as_op(op)
-    nnz, rows, cols = block_count(shape, density, block)
-    bn, bk = (block, block) if isinstance(block, int) else tuple(block)
-    index = {"fwd": (rows + 1) + nnz,            # row_ptr, col_idx
-             "dgrad": (cols + 1) + 2 * nnz,      # col_ptr, col_row_idx, col_perm
-             "wgrad": 2 * nnz}[op]               # row_idx, col_idx
-    out = _model(op, shape, nnz * bn * bk, INDEX_BYTES * index, dtype, device)
-    out.update(nnz=nnz, blocks=rows * cols, density=nnz / (rows * cols), block=[bn, bk])
-    return out
-
-
-def dense_prediction(op: str, shape, dtype="bf16", *, device: str = "h100-sxm") -> dict:
-    """Roofline prediction for the dense op (cuBLAS / cuDNN): same model, full weight, no indices."""
-    shape = _as_shape(shape)
-    _, n, k = shape.gemm
-    out = _model(op, shape, n * k, 0, dtype, device)
-    out.update(nnz=None, blocks=None, density=1.0, block=None)
-    return out
-
-
-def speedup_ceiling(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm") -> float:
-    """Predicted dense time / predicted block-sparse time: the best speedup the roofline allows."""
-    return (dense_prediction(op, shape, dtype, device=device)["seconds"]
-            / predict(op, shape, density, block, dtype, device=device)["seconds"])
-
-
-def roofline_fraction(measured_seconds: float, prediction: dict) -> float:
-    """Fraction of the roofline reached: predicted seconds / measured seconds (1.0 = at the roofline)."""
-    return prediction["seconds"] / measured_seconds
-
-
-def wrn_layers(depth: int, width: int, batch: int) -> list[tuple[str, ConvShape, int]]:
-    """The sparse 3x3 convs of WRN-depth-width on 32x32 inputs: (name, shape, count)."""
-    n = (depth - 4) // 6
-    widths = [16, 16 * width, 32 * width, 64 * width]
-    out, size = [], 32
-    for g in range(3):
-        c_in, c_out, stride = widths[g], widths[g + 1], 1 if g == 0 else 2
-        out.append((f"g{g + 1}.0.conv1", ConvShape(batch, c_in, c_out, size, size, 3, stride, 1), 1))
-        size //= stride
-        out.append((f"g{g + 1}.convs", ConvShape(batch, c_out, c_out, size, size, 3, 1, 1), 2 * n - 1))
-    return out
-
-
-def resnet50_layers(batch: int) -> list[tuple[str, ConvShape, int]]:
-    """The bottleneck convs of ResNet-50 on 224x224 (stride on the 3x3, torchvision v1.5), stem excluded."""
-    out, size, c_prev = [], 56, 64
-    for stage, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
-        stride = 1 if stage == 1 else 2
-        c_out = 4 * width
-        small = size // stride
-        L = f"layer{stage}"
-        out += [(f"{L}.0.conv1", ConvShape(batch, c_prev, width, size, size, 1, 1, 0), 1),
-                (f"{L}.0.conv2", ConvShape(batch, width, width, size, size, 3, stride, 1), 1),
-                (f"{L}.0.downsample", ConvShape(batch, c_prev, c_out, size, size, 1, stride, 0), 1),
-                (f"{L}.x.conv1", ConvShape(batch, c_out, width, small, small, 1, 1, 0), blocks - 1),
-                (f"{L}.x.conv2", ConvShape(batch, width, width, small, small, 3, 1, 1), blocks - 1),
-                (f"{L}.conv3", ConvShape(batch, width, c_out, small, small, 1, 1, 0), blocks)]
-        size, c_prev = small, c_out
-    return [r for r in out if r[2] > 0]
-
-
-def benchmark_shapes(batch: int = 256, linear_m: int = 8192) -> list[tuple[str, str, Any, int]]:
-    """(model, layer, shape, count) for WRN-28-2, WRN-28-10, ResNet-50 and square linears 1024..8192."""
-    rows = [("WRN-28-2", name, s, c) for name, s, c in wrn_layers(28, 2, batch)]
-    rows += [("WRN-28-10", name, s, c) for name, s, c in wrn_layers(28, 10, batch)]
-    rows += [("ResNet-50", name, s, c) for name, s, c in resnet50_layers(batch)]
-    rows += [("linear", f"{d}x{d}", LinearShape(linear_m, d, d), 1) for d in (1024, 2048, 4096, 8192)]
-    return rows
-
-
-def _slim(pred: dict) -> dict:
-    return {k: pred[k] for k in ("flops", "bytes", "seconds", "bound")}
-
-
-def roofline_report(densities=(0.2, 0.1), blocks=(16, 32, 64), dtype="bf16", device="h100-sxm",
-                    batch: int = 256, linear_m: int = 8192) -> dict:
-    """Per (layer, density, block): each op's prediction and ceiling; per model: whole-step ceilings."""
-    layers, models = [], {}
-    for model, name, shape, count in benchmark_shapes(batch, linear_m):
-        dense = {op: dense_prediction(op, shape, dtype, device=device) for op in ("fwd", "dgrad", "wgrad")}
-        for density in densities:
-            for block in blocks:
-                try:
-                    sparse = {op: predict(op, shape, density, block, dtype, device=device) for op in dense}
-                except ValueError:  # block does not tile the layer: it stays dense
-                    sparse = None
-                row = dict(model=model, layer=name, shape=shape.describe(), count=count, density=density,
-                           block=block, tileable=sparse is not None, nnz=sparse["fwd"]["nnz"] if sparse else None,
-                           dense={op: _slim(p) for op, p in dense.items()},
-                           sparse={op: _slim(p) for op, p in sparse.items()} if sparse else None)
-                dense_step = sum(d["seconds"] for d in dense.values())
-                sparse_step = sum(s["seconds"] for s in sparse.values()) if sparse else dense_step
-                row["ceiling"] = {op: dense[op]["seconds"] / sparse[op]["seconds"] for op in dense} if sparse else None
-                row["step_ceiling"] = dense_step / sparse_step
-                layers.append(row)
-                agg = models.setdefault((model, density, block), dict(model=model, density=density, block=block,
-                                                                      dense_s=0.0, sparse_s=0.0, dense_layers=0))
-                agg["dense_s"] += count * dense_step
-                agg["sparse_s"] += count * sparse_step
-                agg["dense_layers"] += 0 if sparse else count
-    for agg in models.values():
-        agg["step_ceiling"] = agg["dense_s"] / agg["sparse_s"]
-    return dict(device=DEVICES[device] | dict(key=device), dtype=dtype, batch=batch, linear_m=linear_m,
-                densities=list(densities), blocks=list(blocks), layers=layers, models=list(models.values()))
 
 
 # ============================================================================ compile matrix
@@ -409,82 +154,6 @@ def parse_config(text: str) -> dict:
     return cfg
 
 
-# ---------------------------------------------------------------- worker side (subprocess, no interpreter)
-def _unwrap(obj):
-    """Autotuner / Heuristics -> the JITFunction underneath (None if obj is not a triton kernel)."""
-    seen = 0
-    while obj is not None and seen < 8:
-        if type(obj).__name__ in ("JITFunction", "InterpretedFunction") or hasattr(obj, "params") and hasattr(obj, "arg_names"):
-            return obj
-        obj = getattr(obj, "fn", None)
-        seen += 1
-    return None
-
-
-def _resolve(path: str):
-    import importlib
-    mod, _, attr = path.rpartition(".")
-    return getattr(importlib.import_module(f"{PACKAGE}.{mod}"), attr)
-
-
-def _config_dict(c) -> dict:
-    return dict(kwargs=dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
-                num_ctas=getattr(c, "num_ctas", 1), maxnreg=getattr(c, "maxnreg", None))
-
-
-def _worker_enumerate() -> dict:
-    """Kernels of the table with their args and configs; triton kernels in the package not in the table."""
-    import importlib
-    import pkgutil
-    pkg = importlib.import_module(PACKAGE)
-    ops = importlib.import_module(f"{PACKAGE}.ops")
-    kernels, listed = {}, set()
-    for name, spec in KERNELS.items():
-        try:
-            obj = _resolve(spec["obj"])
-        except Exception as e:  # noqa: BLE001
-            kernels[name] = dict(error=f"cannot find {spec['obj']}: {type(e).__name__}: {e}")
-            continue
-        fn = _unwrap(obj)
-        listed.add(id(fn))
-        configs = [_config_dict(c) for c in getattr(obj, "configs", None) or []]
-        kernels[name] = dict(obj=spec["obj"], fn_name=fn.__name__, arg_names=list(fn.arg_names),
-                             constexprs=[p.name for p in fn.params if p.is_constexpr],
-                             autotuned=bool(configs), configs=configs or [
-                                 dict(kwargs={}, num_warps=4, num_stages=3, num_ctas=1, maxnreg=None)],
-                             pickable=_pickable(name, spec, obj))
-    unlisted = []
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{PACKAGE}.{info.name}")
-        for attr, obj in vars(mod).items():
-            fn = _unwrap(obj) if type(obj).__module__.startswith("triton") else None
-            if fn is None or id(fn) in listed or getattr(fn, "__module__", mod.__name__) != mod.__name__:
-                continue
-            # autotuned objects are launched kernels; plain @triton.jit ones only if named like one
-            if obj is not fn or attr.endswith("_kernel"):
-                unlisted.append(f"{info.name}.{attr}")
-    blocks = {v: list(getattr(ops, spec["blocks"], ())) for v, spec in VARIANTS.items()}
-    return dict(kernels=kernels, unlisted=sorted(set(unlisted)), blocks=blocks)
-
-
-def _pickable(name: str, spec: dict, obj) -> dict | None:
-    """Autotune config indices that the kernel module's ``prune_configs(name, configs, bn, bk, elem_bytes,
-    smem_limit, hopper)`` (its ``early_config_prune``) keeps, per "dtype/block/target"; None: no pruning."""
-    import importlib
-    prune = getattr(importlib.import_module(f"{PACKAGE}.{spec['obj'].rpartition('.')[0]}"), "prune_configs", None)
-    if prune is None or not getattr(obj, "configs", None):
-        return None
-    ops = importlib.import_module(f"{PACKAGE}.ops")
-    blocks = sorted({b for v in VARIANTS.values() for b in getattr(ops, v["blocks"], ())})
-    out = {}
-    for dtype, dt in DTYPES.items():
-        elem = 2 if dt["ptr"] in ("bf16", "fp16") else 4
-        for block in blocks:
-            for target, t in TARGETS.items():
-                kept = {id(c) for c in prune(name, obj.configs, block, block, elem, t["smem_block"], target >= 90)}
-                out[f"{dtype}/{block}/{target}"] = [i for i, c in enumerate(obj.configs) if id(c) in kept]
-    return out
-
 
 def _specialize_int(value: int) -> tuple[str, bool]:
     """(triton type, divisible by 16) as the launcher specialises an int argument; 'constexpr' for 1."""
@@ -525,7 +194,7 @@ def build_signature(job: dict, arg_names: list[str], constexpr_names: list[str])
     return signature, constexprs, attrs
 
 
-def _nvidia_tool(name: str) -> str:
+def nvidia_tool(name: str) -> str:
     try:
         from triton import knobs
         return getattr(knobs.nvidia, name).path
@@ -534,92 +203,13 @@ def _nvidia_tool(name: str) -> str:
         return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def analyse_cubin(cubin: bytes) -> dict:
-    """Registers, stack / local / static shared bytes (cuobjdump) and MMA / spill instruction counts (SASS)."""
-    cuobjdump = _nvidia_tool("cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([cuobjdump, "--dump-resource-usage", "-sass", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    res = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", sass)}
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
-    counts: dict[str, int] = {}
-    for op in opcodes:
-        counts[op] = counts.get(op, 0) + 1
-    mma = {op: counts[op] for op in TC_INSTRUCTIONS if counts.get(op)}
-    return dict(regs=res.get("reg"), stack=res.get("stack", 0), local=res.get("local", 0),
-                static_smem=res.get("shared", 0), mma=mma, stl=counts.get("STL", 0), ldl=counts.get("LDL", 0),
-                instructions=len(opcodes))
-
-
-def _worker_compile(job: dict, kinfo: dict) -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    row = dict(job)
-    t0 = time.time()
-    try:
-        fn = _unwrap(_resolve(KERNELS[job["kernel"]]["obj"]))
-        signature, constexprs, attrs = build_signature(job, kinfo["arg_names"], kinfo["constexprs"])
-        cfg = job["config"]
-        options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], num_ctas=cfg.get("num_ctas") or 1)
-        if cfg.get("maxnreg"):
-            options["maxnreg"] = cfg["maxnreg"]
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", job["target"], 32), options=options)
-        cubin = kernel.asm["cubin"]
-        row.update(analyse_cubin(cubin))
-        row["dynamic_smem"] = int(kernel.metadata.shared)
-        row["cubin_sha"] = hashlib.sha256(cubin).hexdigest()[:16]
-        row["error"] = None
-    except Exception as e:  # noqa: BLE001 -- every failure is a row of the report
-        lines = [line for line in f"{type(e).__name__}: {e}".splitlines() if line.strip()]
-        row["error"] = "\n".join(lines)[-3000:]
-        # the cause is on the last line (triton prints the source excerpt first)
-        row["error_summary"] = f"{type(e).__name__}: {lines[-1].strip()}"[:300] if len(lines) > 1 else lines[0][:300]
-    row["compile_s"] = round(time.time() - t0, 3)
-    return row
-
-
-def _import_package() -> None:
-    """Make ``import blockdpr_kernels`` work from a plain checkout (no ``pip install -e .``)."""
-    import importlib.util
-    if importlib.util.find_spec(PACKAGE) is None:
-        spec = importlib.util.spec_from_file_location(PACKAGE, KERNEL_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(KERNEL_DIR)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = module
-        spec.loader.exec_module(module)
-
-
-def _worker_main() -> None:
-    """Line-delimited JSON requests on stdin, answers on the original stdout (triton's prints go to stderr)."""
-    _import_package()
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    kinfo = None
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req["op"] == "enumerate":
-            kinfo = _worker_enumerate()
-            out.write(json.dumps(kinfo) + "\n")
-        elif req["op"] == "compile":
-            if req["job"].get("_crash"):  # tests: a compiler process that dies mid-job
-                os._exit(3)
-            kinfo = req.get("kinfo") or kinfo or _worker_enumerate()
-            out.write(json.dumps(_worker_compile(req["job"], kinfo["kernels"][req["job"]["kernel"]])) + "\n")
-
-
 # ---------------------------------------------------------------- parent side
 class _Worker:
     def __init__(self, log):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences triton's warning
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.aot_worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                      bufsize=1, env=env, cwd=str(ROOT))
 
@@ -863,27 +453,16 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 # ============================================================================ output
 def _meta(argv) -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
-    versions = dict(python=platform.python_version(), triton=_triton_version())
+    """Provenance (blockdpr.runinfo) plus the ptxas version and the kernels' source hash."""
     try:
-        from importlib.metadata import version
-        versions["torch"] = version("torch")
-    except Exception:  # noqa: BLE001
-        versions["torch"] = None
-    try:
-        ptxas = subprocess.run([_nvidia_tool("ptxas"), "--version"], capture_output=True, text=True, timeout=30).stdout
-        versions["ptxas"] = (re.findall(r"release ([\d.]+)", ptxas) or [None])[0]
-    except Exception:  # noqa: BLE001
-        versions["ptxas"] = None
-    return dict(command=" ".join([Path(sys.argv[0]).name if argv is None else "kernel_report.py",
-                                  *(sys.argv[1:] if argv is None else argv)]),
-                git_commit=git("rev-parse", "HEAD"), git_dirty=bool(git("status", "--porcelain", "blockdpr_kernels")),
-                kernels_source_hash=source_hash(), versions=versions, host=platform.node(),
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        ptxas = subprocess.run([nvidia_tool("ptxas"), "--version"], capture_output=True, text=True, timeout=30).stdout
+        ptxas_version = (re.findall(r"release ([\d.]+)", ptxas) or [None])[0]
+    except (OSError, subprocess.SubprocessError):
+        ptxas_version = None
+    meta = provenance("cpu", None if argv is None else ["-m", "bench.aot", *argv])
+    meta["versions"]["ptxas"] = ptxas_version
+    meta["kernels_source_hash"] = source_hash()
+    return meta
 
 
 def _kb(n) -> str:
@@ -902,7 +481,7 @@ def print_compile(console, rows: list[dict], summary: list[dict], which: str = "
             name = f"{r['variant']}.{r['kernel']}"
             if r.get("error"):
                 t.add_row(name, r["dtype"], str(r["block"][0]), r["config_label"], r["target_name"],
-                          "-", "-", "-", "-", "-", f"[red]{r.get('error_summary') or r['error'][:200]}[/red]")
+                          "-", "-", "-", "-", "-", f"[red]{escape(r.get('error_summary') or r['error'][:200])}[/red]")
                 continue
             spill = f"{r['spill_bytes']} ({r['stl']}/{r['ldl']})"
             spill = f"[red]{spill}[/red]" if r["spills"] else spill
@@ -938,44 +517,6 @@ def _red(n: int) -> str:
     return f"[red]{n}[/red]" if n else str(n)
 
 
-def _t(seconds: float) -> str:
-    return f"{seconds * 1e6:.1f}"
-
-
-def print_roofline(console, report: dict, blocks_shown=None) -> None:
-    from rich.table import Table
-    dev = report["device"]
-    title = (f"Roofline on {dev['name']} ({dev['flops'][report['dtype']] / 1e12:.0f} TFLOP/s {report['dtype']}, "
-             f"{dev['bandwidth'] / 1e12:.2f} TB/s); batch {report['batch']}, linear M {report['linear_m']}; "
-             f"times in us, ceiling = dense / sparse")
-    t = Table(title=title)
-    for col in ("model", "layer", "shape", "x", "density", "block", "fwd GFLOP", "fwd MB", "fwd us (dense)",
-                "fwd", "dgrad", "wgrad", "step ceiling", "bound fwd/dgrad/wgrad"):
-        t.add_column(col, justify="left" if col in ("model", "layer", "shape", "bound fwd/dgrad/wgrad") else "right")
-    for r in report["layers"]:
-        if blocks_shown and r["block"] not in blocks_shown:
-            continue
-        if not r["tileable"]:
-            t.add_row(r["model"], r["layer"], r["shape"], str(r["count"]), f"{r['density']:.2f}", str(r["block"]),
-                      "", "", "", "-", "-", "-", "1.00", "stays dense (not tileable)")
-            continue
-        s, d = r["sparse"], r["dense"]
-        t.add_row(r["model"], r["layer"], r["shape"], str(r["count"]), f"{r['density']:.2f}", str(r["block"]),
-                  f"{s['fwd']['flops'] / 1e9:.2f}", f"{s['fwd']['bytes'] / 1e6:.1f}",
-                  f"{_t(s['fwd']['seconds'])} ({_t(d['fwd']['seconds'])})",
-                  *(f"{r['ceiling'][op]:.2f}x" for op in ("fwd", "dgrad", "wgrad")), f"{r['step_ceiling']:.2f}x",
-                  "/".join(s[op]["bound"][:3] for op in ("fwd", "dgrad", "wgrad")))
-    console.print(t)
-    m = Table(title="Roofline ceiling per model (sparse layers, fwd + dgrad + wgrad, layers not tileable stay dense)")
-    for col in ("model", "density", "block", "dense us", "sparse us", "ceiling", "layers kept dense"):
-        m.add_column(col)
-    for a in report["models"]:
-        if blocks_shown and a["block"] not in blocks_shown:
-            continue
-        m.add_row(a["model"], f"{a['density']:.2f}", str(a["block"]), f"{a['dense_s'] * 1e6:.0f}",
-                  f"{a['sparse_s'] * 1e6:.0f}", f"{a['step_ceiling']:.2f}x", str(a["dense_layers"]))
-    console.print(m)
-
 
 def run_compile(kernels=None, variants=None, dtypes=DEFAULT_DTYPES, blocks=None, targets=tuple(TARGETS),
                 configs="all", extra_configs=(), workers=2, use_cache=True, progress=None) -> dict:
@@ -995,16 +536,13 @@ def run_compile(kernels=None, variants=None, dtypes=DEFAULT_DTYPES, blocks=None,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    if argv is None and sys.argv[1:2] == ["--_worker"]:
-        _worker_main()
-        return {}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=None)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DEFAULT_DTYPES),
-                        help="fp32 = TF32 tensor cores; fp32-ieee = CUDA cores (as torch's default for linear)")
-    parser.add_argument("--blocks", nargs="+", type=int, default=None, help="default: every supported block size")
-    parser.add_argument("--targets", nargs="+", type=int, choices=list(TARGETS), default=list(TARGETS))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
+    add_list_argument(parser, "--kernels", choices=list(KERNELS), default=None, help="default: every kernel")
+    add_list_argument(parser, "--variants", choices=list(VARIANTS), default=None, help="default: every variant")
+    add_list_argument(parser, "--dtypes", choices=list(DTYPES), default=list(DEFAULT_DTYPES),
+                      help="fp32 = TF32 tensor cores; fp32-ieee = CUDA cores (as torch's default for linear)")
+    add_list_argument(parser, "--blocks", type=int, default=None, help="default: every supported block size")
+    add_list_argument(parser, "--targets", type=int, choices=list(TARGETS), default=list(TARGETS))
     parser.add_argument("--configs", default="all", help="all | first | comma-separated autotune indices")
     parser.add_argument("--extra-config", action="append", default=[], type=parse_config, metavar="K=V,...",
                         help="an extra config to try, e.g. BLOCK_M=512,num_warps=4,num_stages=4 (repeatable)")
@@ -1015,13 +553,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="compile rows to print (the summary is always printed)")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--skip-roofline", action="store_true")
-    parser.add_argument("--densities", nargs="+", type=float, default=[0.2, 0.1], help="fraction of blocks kept")
-    parser.add_argument("--roofline-blocks", nargs="+", type=int, default=[16, 32, 64])
+    add_list_argument(parser, "--densities", type=float, default=[0.2, 0.1], help="fraction of blocks kept")
+    add_list_argument(parser, "--roofline-blocks", type=int, default=[16, 32, 64])
     parser.add_argument("--device", choices=list(DEVICES), default="h100-sxm")
     parser.add_argument("--roofline-dtype", choices=list(ELEMENT_BYTES), default="bf16")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--linear-m", type=int, default=8192, help="rows (tokens) of the square linears")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "kernel_report.json")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "aot.json")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -1049,9 +587,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"errors {tot['errors']}, spilling {tot['spilling']}, over shared memory {tot['over_smem']}, "
                       f"bf16/fp16 without tensor cores {tot['half_without_tc']}")
         for name in comp["unlisted"]:
-            console.print(f"[red]kernel {name} is not in the KERNELS table of bench/kernel_report.py: not compiled[/red]")
+            console.print(f"[red]kernel {escape(name)} is not in the KERNELS table of bench/aot.py: not compiled[/red]")
         for name, err in comp["kernel_errors"].items():
-            console.print(f"[red]kernel {name}: {err}[/red]")
+            console.print(f"[red]kernel {escape(name)}: {escape(err)}[/red]")
         result["compile"] = comp
     if not args.skip_roofline:
         report = roofline_report(args.densities, args.roofline_blocks, args.roofline_dtype, args.device,
@@ -1059,8 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_roofline(console, report)
         result["roofline"] = report
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, default=str, separators=(",", ":")))
+        atomic_write_text(args.json, json.dumps(result, default=str, separators=(",", ":")))
         console.print(f"wrote {args.json}")
     return result
 
