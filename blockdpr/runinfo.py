@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, IO
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "remove_stale_temps", "git_info", "versions", "device_info", "provenance", "TEMP_SUFFIX"]
+           "remove_stale_temps", "git_info", "versions", "device_info", "provenance", "slug", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 _ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +156,9 @@ def provenance(device: Any = None, argv: list[str] | None = None) -> dict:
     return {"command": shlex.join([Path(sys.executable).name, *argv]) if argv else None,
             "cwd": os.getcwd(), "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git": git_info(), "versions": versions(), "device": device_info(device)}
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lower-case form of a name: ``"NVIDIA H200"`` -> ``"nvidia-h200"``."""
+    import re
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
