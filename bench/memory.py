@@ -35,7 +35,7 @@ def nbytes(t: torch.Tensor | None) -> int:
 
 
 def layout_nbytes(layout) -> int:
-    """Bytes of every tensor a BlockLayout holds (mask, index tensors, weight-gradient workspace...)."""
+    """Bytes of every tensor a BlockLayout holds (mask, index tensors, weight-gradient runs and counters)."""
     return sum(nbytes(t) for t in vars(layout).values() if torch.is_tensor(t))
 
 
@@ -68,12 +68,15 @@ def measure(depth: int, width: int, sparsity: float, block: int) -> dict:
     optimizer = train_step(model)
     still_dense = [p for n, p in model.named_parameters() if n in kept_dense]
     layout_bytes = sum(layout_nbytes(m.layout) for m in structure.layers)
-    block_bytes = parameter_state_bytes(structure.params + still_dense, optimizer) + layout_bytes
+    # The weight gradient's fp32 workspace is one buffer per device, as large as the largest layer's blocks.
+    workspace_bytes = 4 * max(m.layout.nnz * m.layout.block[0] * m.layout.block[1] for m in structure.layers)
+    block_bytes = parameter_state_bytes(structure.params + still_dense, optimizer) + layout_bytes + workspace_bytes
     density = sum(structure.nonzero_counts()) / sum(structure.dense_numels)
     return {
         "model": f"WRN-{depth}-{width}", "sparsity": sparsity, "block": block,
         "block_density": density, "layers_kept_dense": kept_dense,
         "dense_bytes": dense_bytes, "block_bytes": block_bytes, "layout_bytes": layout_bytes,
+        "workspace_bytes": workspace_bytes,
         "ratio": block_bytes / dense_bytes,
         "ratio_over_density": block_bytes / dense_bytes / (1 - sparsity),
     }

@@ -17,7 +17,7 @@ tap on the fly (masked at the batch*spatial edge and at zero padding). Three ker
   the run's blocks stacked into one dot of M >= 64 (wgmma on Hopper). With one split a program
   owns its blocks and stores them; with more, the split programs reduce in the kernel (see there).
 
-Every launch tensor derived from the layout (weight-gradient runs, workspace, counters) is built
+Every launch tensor derived from the layout (weight-gradient runs, counters) is built
 once by :class:`~blockdpr_kernels.BlockLayout`; the split count and density bucket are its O(1)
 functions of their sizes (SM count cached per device). A launcher allocates its output and launches.
 The autotune key holds the shapes and the layout's coarse density bucket (``DENSITY``, not
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import density_bucket, wgrad_group, wgrad_splits
+from .layout import density_bucket, wgrad_group, wgrad_splits, wgrad_workspace
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -347,14 +347,13 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stri
     return dx
 
 
-def grad_weight(x, dy, row_idx, col_idx, groups, workspace, counters, block, kernel_size, stride, padding,
-                allow_tf32):
+def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, kernel_size, stride, padding, allow_tf32):
     """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
 
     ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; the rest is the layout's (see
     :class:`~blockdpr_kernels.BlockLayout`): ``row_idx``/``col_idx`` of each packed block, the runs
-    ``groups [n_groups, 2]``, the fp32 ``workspace [nnz, bn, bk]`` and int32 ``counters [n_groups]`` (all
-    zero) for the split reduction. The split count and density bucket are the layout's
+    ``groups [n_groups, 2]`` and int32 ``counters [n_groups]`` (zeros) for the split reduction, which adds
+    into the device's shared fp32 workspace (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split count and density bucket are the layout's
     (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of
     these sizes; the SM count is cached per device).
     """
@@ -366,6 +365,7 @@ def grad_weight(x, dy, row_idx, col_idx, groups, workspace, counters, block, ker
     if nnz == 0 or m == 0:
         return dv.zero_()
     splits = min(wgrad_splits(groups.shape[0], x.device), triton.cdiv(m, _MIN_BLOCK_M))  # each split >= 1 M tile
+    workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
     with _on(x.device):
         _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, dv, workspace, counters, m,
                                                  **geo, DENSITY=density_bucket(nnz, geo["C_OUT"] // bn), S=s, STRIDE=stride, PAD=padding,

@@ -6,8 +6,9 @@ blocks are stored. The stored ("packed") values are a tensor ``[nnz, bn, bk]`` i
 row-major block order: sorted by block row, then block column.
 
 The layout holds index tensors (int32, on the weight's device) and the rest of the kernels'
-launch metadata (weight-gradient runs, an fp32 reduction workspace, counters), all built once
-per layout. Kernels read them as data, so rebuilding a layout with a new mask never recompiles
+launch metadata (weight-gradient runs and their counters), all built once per layout; the fp32
+reduction workspace of the weight gradient is one buffer per device shared by every layout
+(:func:`wgrad_workspace`), sized when a layout is built. Kernels read them as data, so rebuilding a layout with a new mask never recompiles
 a kernel.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from .reference import dense_weight, gather_blocks
 
-__all__ = ["BlockLayout", "from_dense", "to_dense", "wgrad_group", "wgrad_splits", "density_bucket"]
+__all__ = ["BlockLayout", "from_dense", "to_dense", "wgrad_group", "wgrad_splits", "wgrad_workspace",
+           "density_bucket"]
 
 
 class BlockLayout:
@@ -51,8 +53,6 @@ class BlockLayout:
             ``n_groups = nnz // g + N // bn + 1`` is a bound that depends on ``nnz`` only, so layouts with
             the same ``nnz`` have the same shapes, and is at least 2, so torch.compile's 0/1 size
             specialisation never recompiles at a reallocation; the unused rows are empty runs ``(0, 0)``.
-        wgrad_workspace: fp32 ``[nnz, bn, bk]`` zeros where split weight-gradient programs add their
-            partial sums (the last one casts the total into the output and zeroes it again).
         wgrad_counters: int32 ``[n_groups]`` zeros: split programs done per group (reset the same way).
         wgrad_splits: M splits of the weight gradient (an int property, :func:`wgrad_splits`): 1 when
             the groups alone give about four programs per SM of the layout's device, more otherwise.
@@ -63,7 +63,8 @@ class BlockLayout:
     O(1) Python (the SM count is queried once per device): torch.compile guards int attributes of a
     module as constants, so storing them would recompile the model at every reallocation, while
     sizes become dynamic. One layout's weight gradients must not run concurrently on two streams
-    (they share the workspace).
+    (they share the counters), and weight gradients of layouts on one device must not run concurrently
+    on two streams (they share :func:`wgrad_workspace`).
     """
 
     def __init__(self, mask: torch.Tensor, block: tuple[int, int]):
@@ -90,7 +91,7 @@ class BlockLayout:
         self.row_ptr, self.col_ptr = dev(_ptr(rows, nb)), dev(_ptr(cols, kb))
         self.col_perm, self.col_row_idx = dev(order), dev(rows[order])
         self.wgrad_groups = dev(groups)
-        self.wgrad_workspace = torch.zeros(self.nnz, bn, bk, dtype=torch.float32, device=mask.device)
+        wgrad_workspace(self.nnz * bn * bk, mask.device)  # grown here, at a reallocation, never in a call
         self.wgrad_counters = torch.zeros(groups.shape[0], dtype=torch.int32, device=mask.device)
 
     @property
@@ -187,6 +188,28 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+def wgrad_workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """The fp32 zeros (at least ``numel`` elements) that split weight-gradient programs add into.
+
+    One buffer per device, shared by every layout: each launch leaves it zero again, and launches on
+    one stream run one after another, so the layers of a model take turns with it. Its size is the
+    largest layout's ``nnz * bn * bk`` (not the sum over layers). Building a layout grows it (a new
+    zeroed buffer) when that layout is larger than any before on its device, so a launch only looks it
+    up; growing inside a CUDA graph capture, where the zeroing would only be recorded, is refused.
+    """
+    device = torch.device(device)
+    buf = _WORKSPACES.get(device)
+    if buf is None or buf.numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("blockdpr_kernels: the weight-gradient workspace must grow during a CUDA graph "
+                               "capture; build the layouts (or run one eager step) before capturing")
+        buf = _WORKSPACES[device] = torch.zeros(max(numel, 1), dtype=torch.float32, device=device)
+    return buf
 
 
 def wgrad_splits(n_groups: int, device: torch.device) -> int:

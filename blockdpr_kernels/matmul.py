@@ -42,8 +42,8 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, k_in: int) -> torch.T
     return dx
 
 
-def grad_weight(x, dy, row_idx, col_idx, groups, workspace, counters, block) -> torch.Tensor:
+def grad_weight(x, dy, row_idx, col_idx, groups, counters, block) -> torch.Tensor:
     """``x [M, K]``, ``dy [M, N]`` -> packed ``(dy^T @ x)`` at the active blocks, ``[nnz, bn, bk]``;
     the other arguments are the layout's weight-gradient metadata (see :func:`conv.grad_weight`)."""
-    return conv.grad_weight(_pixels(x), _pixels(dy), row_idx, col_idx, groups, workspace, counters, block, *_ONE,
+    return conv.grad_weight(_pixels(x), _pixels(dy), row_idx, col_idx, groups, counters, block, *_ONE,
                             torch.backends.cuda.matmul.allow_tf32)

@@ -40,8 +40,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ----------------------------------------------------------------------------- custom ops
 # A layout enters every op as one list of its tensors (see BlockLayout and _layout_tensors):
-#   idx = [row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, wgrad_groups, wgrad_workspace,
-#          wgrad_counters]
+#   idx = [row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, wgrad_groups, wgrad_counters]
 # Tensors are data, so a new layout never recompiles a kernel, and their sizes are sizes to dynamo (dynamic
 # after a reallocation), where int attributes of a module would be guarded as constants: the two ints the
 # launchers need (the weight-gradient split count and the density bucket) are the layout's functions of
@@ -89,7 +88,7 @@ def _linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor]
                         backend: str) -> Tensor:
     block = tuple(values.shape[1:])
     if backend == "triton":
-        return matmul.grad_weight(x, dy, idx[2], idx[1], *idx[6:9], block)
+        return matmul.grad_weight(x, dy, idx[2], idx[1], *idx[6:8], block)
     return reference.linear_grad_weight(x, dy, idx[2], idx[1], block)
 
 
@@ -174,7 +173,7 @@ def _conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor]
                         kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
     block = tuple(values.shape[1:])
     if backend == "triton":
-        return conv.grad_weight(_nhwc(x), _nhwc(dy), idx[2], idx[1], *idx[6:9], block, kernel_size,
+        return conv.grad_weight(_nhwc(x), _nhwc(dy), idx[2], idx[1], *idx[6:8], block, kernel_size,
                                 stride, padding, torch.backends.cudnn.allow_tf32)
     return reference.conv2d_grad_weight(x, dy, idx[2], idx[1], block, kernel_size, stride, padding)
 
@@ -269,7 +268,7 @@ def _check_common(x, values, layout, bias, backend, blocks):
 def _layout_tensors(layout: BlockLayout) -> List[Tensor]:
     """The ``idx`` list the custom ops take (order: see the custom ops section)."""
     return [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
-            layout.wgrad_groups, layout.wgrad_workspace, layout.wgrad_counters]
+            layout.wgrad_groups, layout.wgrad_counters]
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blockdpr_kernels import BlockLayout, block_sparse_conv2d, block_sparse_linear
-from blockdpr_kernels.layout import wgrad_splits
+from blockdpr_kernels.layout import wgrad_splits, wgrad_workspace
 from blockdpr_kernels.testing import SKIP_REASON, kernel_device, record_autotune_keys, record_work
 
 DEVICE = kernel_device()
@@ -75,10 +75,21 @@ def test_split_weight_gradient_matches_reference_and_leaves_workspace_zero(rows)
         block_sparse_linear(x, leaf, layout, backend=backend).backward(dy)
         grads[backend] = leaf.grad
     torch.testing.assert_close(grads["triton"], grads["reference"], atol=1e-4, rtol=1e-4)
-    assert not layout.wgrad_workspace.any() and not layout.wgrad_counters.any()
+    assert not wgrad_workspace(0, DEVICE).any() and not layout.wgrad_counters.any()
     leaf = v.clone().requires_grad_()  # a second call on the same layout sees a clean workspace
     block_sparse_linear(x, leaf, layout, backend="triton").backward(dy)
     torch.testing.assert_close(leaf.grad, grads["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_layouts_share_one_workspace_sized_by_the_largest():
+    small = BlockLayout(torch.ones(2, 2, dtype=torch.bool, device="cpu"), (16, 16))
+    before = wgrad_workspace(0, "cpu")
+    big = BlockLayout(torch.ones(2, 2 * (before.numel() // 1024 + 1), dtype=torch.bool, device="cpu"), (16, 16))
+    grown = wgrad_workspace(0, "cpu")
+    assert grown.numel() == big.nnz * 256 >= small.nnz * 256  # the largest layout's size, not the sum
+    BlockLayout(torch.ones(2, 2, dtype=torch.bool, device="cpu"), (16, 16))
+    assert wgrad_workspace(0, "cpu") is grown  # a smaller layout reuses it
+    assert not any(torch.is_tensor(v) and v.dtype == torch.float32 for v in vars(big).values())
 
 
 def test_split_count_fills_the_device_then_stops_splitting():
