@@ -89,5 +89,8 @@ class Distributed:
             raise RuntimeError(f"data-parallel ranks diverged: {what} differ between ranks (rank {self.rank})")
 
     def close(self) -> None:
+        """Leave together: a barrier first, so no rank tears down its connections while another (rank 0
+        writing the run's final files) still holds the group; gloo aborts a rank whose peer vanishes."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
