@@ -65,7 +65,7 @@ class RunConfig:
     device: str = "auto"
     compile: bool = False
     amp: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on for CUDA (cuDNN and the block kernels want NHWC), off on CPU
     cuda_graph: bool = False
     no_progress: bool = False
     progress_seconds: float = 30.0

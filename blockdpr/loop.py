@@ -135,7 +135,8 @@ class Trainer:
         model = StackedWideResNet(T, cfg.depth, cfg.width)
         model.load_trial_state_dicts(initial)
         model = model.to(device)
-        if cfg.channels_last:
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -171,7 +172,7 @@ class Trainer:
                 self._write_config(trial, configs)
                 write_metrics(trial.out, [])
         self.step_fn = TrainStep(model, self.net, self.optimizer, [t.sparsity for t in self.trials],
-                                 [t.sparse for t in self.trials], dist, cfg.amp, cfg.channels_last, graph=cfg.cuda_graph)
+                                 [t.sparse for t in self.trials], dist, cfg.amp, self.channels_last, graph=cfg.cuda_graph)
         self.steps_per_epoch = math.ceil(len(self.data.train_images) / cfg.batch_size)
 
     def _load(self, ckpts: list[dict]) -> None:

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (the paper trains in fp32)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model and inputs")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the model and inputs (default: on for CUDA, off on CPU)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay the training step as a CUDA graph (CUDA only; block mode re-captures after a reallocation)")
     g.add_argument("--no-progress", action="store_true",
