@@ -57,20 +57,32 @@ def record_specializations(arch: int = 90):
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     seen: list = []
-    hooked = []
-    for name, tuner in kernels().items():
+
+    def make_hook(name, tuner):
         fn = tuner.fn  # the jitted / interpreted function under the autotuner
         jit = JITFunction(fn.fn, do_not_specialize=_jit_option(fn, "do_not_specialize"))
         binder = create_function_from_signature(jit.signature, jit.params, backend)
 
-        def hook(*args, _name=name, _binder=binder, **kwargs):
-            _, spec, _ = _binder(*args, **kwargs)
-            seen.append((_name, repr(spec)))
+        def hook(*args, **kwargs):
+            _, spec, _ = binder(*args, **kwargs)
+            seen.append((name, repr(spec)))
+        return hook
 
-        fn.add_pre_run_hook(hook)
-        hooked.append((fn, hook))
-    try:
+    with _pre_run_hooks(make_hook):
         yield seen
+
+
+@contextlib.contextmanager
+def _pre_run_hooks(make_hook):
+    """Install ``make_hook(name, tuner)`` as a pre-run hook of every kernel of :func:`kernels` for the
+    block (it sees each launch's arguments), and remove them after."""
+    hooked = []
+    for name, tuner in kernels().items():
+        hook = make_hook(name, tuner)
+        tuner.fn.add_pre_run_hook(hook)
+        hooked.append((tuner.fn, hook))
+    try:
+        yield
     finally:
         for fn, hook in hooked:
             fn.pre_run_hooks.remove(hook)
@@ -87,21 +99,15 @@ def record_autotune_keys():
     of the autotuner's ``key`` arguments (``tuner.keys``), as the autotuner looks them up (it adds the
     tensor dtypes). Works under the interpreter, where the single config skips the autotuner's cache."""
     seen: list = []
-    hooked = []
-    for name, tuner in kernels().items():
-        fn = tuner.fn
 
-        def hook(*args, _name=name, _tuner=tuner, **kwargs):
-            named = {**dict(zip(_tuner.arg_names, args)), **kwargs}
-            seen.append((_name, tuple(named[k] for k in _tuner.keys if k in named)))
+    def make_hook(name, tuner):
+        def hook(*args, **kwargs):
+            named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+            seen.append((name, tuple(named[k] for k in tuner.keys if k in named)))
+        return hook
 
-        fn.add_pre_run_hook(hook)
-        hooked.append((fn, hook))
-    try:
+    with _pre_run_hooks(make_hook):
         yield seen
-    finally:
-        for fn, hook in hooked:
-            fn.pre_run_hooks.remove(hook)
 
 
 @dataclasses.dataclass
