@@ -547,8 +547,7 @@ def benchmark(opts: argparse.Namespace) -> list[dict]:
                       f"{r['aggregate_images_per_s'] / base:.2f}x")
     Console().print(table)
     if opts.bench_out is not None:
-        opts.bench_out.parent.mkdir(parents=True, exist_ok=True)
-        opts.bench_out.write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(opts.bench_out, results)
         console.print(f"wrote {opts.bench_out}")
     return results
 
