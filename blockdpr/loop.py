@@ -37,7 +37,7 @@ from .sparsity import DPRConfig, Reallocator, SparseStructure, gmp_pruning_index
 from .sparsity.packed import dense_state_dict
 from .sparsity.select import seeded_generator
 from .stacked import StackedWideResNet, load_trial_optimizer_state_dicts, trial_optimizer, trial_optimizer_state_dict
-from .step import TrainStep, evaluate
+from .step import Evaluation, TrainStep
 
 console = Console(stderr=True, soft_wrap=True)
 RANK_SYNC_STEPS = 20  # data parallel: ranks agree on time- and signal-driven stops every this many steps
@@ -173,6 +173,8 @@ class Trainer:
                 write_metrics(trial.out, [])
         self.step_fn = TrainStep(model, self.net, self.optimizer, [t.sparsity for t in self.trials],
                                  [t.sparse for t in self.trials], dist, cfg.amp, self.channels_last, graph=cfg.cuda_graph)
+        self.evaluation = Evaluation(self.net, self.data.test_images, self.data.test_labels, T, cfg.amp,
+                                     graph=cfg.cuda_graph)
         self.steps_per_epoch = math.ceil(len(self.data.train_images) / cfg.batch_size)
 
     def _load(self, ckpts: list[dict]) -> None:
@@ -261,7 +263,7 @@ class Trainer:
                 if k is not None:
                     s_k = gmp_sparsity(k, trial.config.sparsity, cfg.gmp_steps)
                     trial.sparsity.prune_to_sparsity(s_k, trial_optimizer(self.model, self.optimizer, trial.sparse, t))
-                    self.step_fn.invalidate()
+                    self.invalidate_graphs()
         self.lr = value_at(cfg.lr_schedule, epoch)
         if any(group["lr"] != self.lr for group in self.optimizer.param_groups):
             for group in self.optimizer.param_groups:
@@ -305,8 +307,13 @@ class Trainer:
         trial.state.moved += result.pruned
         trial.state.reallocations += 1
         if self.cfg.granularity == "block":
-            self.step_fn.invalidate()  # new packed parameters
+            self.invalidate_graphs()  # new packed parameters
         self.dist.check_replicas([trial.sparsity.flat_mask()], "sparse structures")
+
+    def invalidate_graphs(self) -> None:
+        """Parameters or masks were replaced: the captured training step and evaluation capture again."""
+        self.step_fn.invalidate()
+        self.evaluation.invalidate()
 
     def pause(self, step: int, epoch_end: bool) -> tuple[int, str | None]:
         """After a step: (signal number or 0, why a checkpoint is due: 'stop-after', 'time', 'steps' or None).
@@ -366,7 +373,7 @@ class Trainer:
         """One sync for the accumulators, evaluation, metrics, then best.pt / epochE.pt before last.pt."""
         self.bank_accumulators()
         self.dist.broadcast_buffers_(self.model)  # BN statistics of rank 0, so every rank evaluates the same model
-        test_losses, test_accs = evaluate(self.net, self.data.test_images, self.data.test_labels, self.T, self.cfg.amp)
+        test_losses, test_accs = self.evaluation()
         for t, trial in enumerate(self.trials):
             state, c = trial.state, trial.config
             record = {

@@ -1,22 +1,26 @@
-"""One training step, written so that it can be captured as a CUDA graph; and evaluation.
+"""One training step and one evaluation, written so that they can be captured as CUDA graphs.
 
 `TrainStep.compute(x, y)` is the whole step on tensors: forward (optionally under bf16
 autocast), per-trial cross-entropy, backward, the data-parallel gradient average, masking of the
 sparse gradients, the optimizer step, re-masking of the weights, and the epoch accumulators
-(loss sum and correct count per trial, on the device). It has no host sync and no Python branch
-that depends on tensor values, so:
+(loss sum and correct count per trial, on the device). `Evaluation.compute(images, labels)` is
+the forward of one test batch into the test accumulators. Neither has a host sync or a Python
+branch that depends on tensor values, so each runs three ways (`StaticCall`):
 
 - eager (`static=False`): compute on the batch as given;
-- static (`static=True`): the batch is copied into static input buffers (one pair per batch
-  size) and the step runs on those: the same function, the same numbers (tested on CPU);
-- CUDA graph (`graph=True`, CUDA only): as static, but the step is captured once per batch size
-  (after one eager step has created gradients and optimizer state) and replayed. Element-mode
-  masks are device tensors updated in place by reallocation, so the graph stays valid; anything
-  that replaces tensors the graph reads (block mode's repacking at a reallocation, a new lr: SGD
-  reads it as a Python number) must call `invalidate()`, and the next step captures again.
+- static (`static=True`): the batch is copied into static input buffers (one set per batch
+  shape) and compute runs on those: the same function, the same numbers (tested on CPU);
+- CUDA graph (`graph=True`, CUDA only): as static, but compute is captured once per batch shape
+  (after one eager call has created gradients, optimizer state and cuDNN plans) and replayed.
+  Element-mode masks are device tensors updated in place by reallocation, so the graphs stay
+  valid; anything that replaces tensors a graph reads (block mode's repacking at a reallocation,
+  a new lr: SGD reads it as a Python number) must call `invalidate()`, and the next call captures
+  again. Each graph keeps its own memory pool.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -24,6 +28,51 @@ from . import data as data_lib
 from .distributed import Distributed
 from .sparsity import SparseStructure
 from .stacked import StackedWideResNet, link_grads, per_trial_cross_entropy, stacked_input
+
+
+class StaticCall:
+    """Calls `fn(*tensors)` eagerly, on static copies of the tensors, or as one CUDA graph per input
+    shape (see the module docstring). `fn` returns nothing: its results are in-place updates."""
+
+    def __init__(self, fn: Callable[..., None], static: bool = False, graph: bool = False):
+        self.fn, self.static, self.graph = fn, static or graph, graph
+        self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        if not self.static:
+            self.fn(*tensors)
+            return
+        key = tuple((t.shape, t.stride()) for t in tensors)
+        if key not in self._buffers:
+            self._buffers[key] = [torch.empty_like(t) for t in tensors]
+        buffers = self._buffers[key]
+        for buffer, t in zip(buffers, tensors):
+            buffer.copy_(t)
+        if not self.graph:
+            self.fn(*buffers)
+        elif key in self._graphs:
+            self._graphs[key].replay()
+        else:
+            self._graphs[key] = self._eager_then_capture(buffers)
+
+    def _eager_then_capture(self, buffers: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
+        """This call eagerly on a side stream (creating gradients, optimizer state and cuDNN plans),
+        then capture the next ones (capture records the kernels without running them)."""
+        device = buffers[0].device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self.fn(*buffers)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.fn(*buffers)
+        return graph
+
+    def invalidate(self) -> None:
+        """Drop the captured graphs (tensors they read were replaced); the next call captures again."""
+        self._graphs.clear()
 
 
 class TrainStep:
@@ -41,35 +90,17 @@ class TrainStep:
         self.sparsities = [s for s in sparsities if s is not None]
         self.views = views
         self.amp, self.channels_last = amp, channels_last
-        self.static, self.graph = static or graph, graph
         device = next(model.parameters()).device
-        self.device = device
         self.loss_sum = torch.zeros(model.trials, dtype=torch.float64, device=device)
         self.correct = torch.zeros(model.trials, dtype=torch.int64, device=device)
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._warm: set[int] = set()
+        self.call = StaticCall(self.compute, static, graph)
 
     def __call__(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
         """One step on each trial's batch: xs float [B, 3, 32, 32], ys int64 [B] (T of each)."""
         x, y = stacked_input(xs), torch.stack(ys, 1)  # [B, T * 3, 32, 32], [B, T]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if not self.static:
-            self.compute(x, y)
-            return
-        batch = len(y)
-        if batch not in self._buffers:
-            self._buffers[batch] = (torch.empty_like(x), torch.empty_like(y))
-        static_x, static_y = self._buffers[batch]
-        static_x.copy_(x)
-        static_y.copy_(y)
-        if not self.graph:
-            self.compute(static_x, static_y)
-        elif batch in self._graphs:
-            self._graphs[batch].replay()
-        else:
-            self._eager_then_capture(batch, static_x, static_y)
+        self.call(x, y)
 
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The step itself on x float [B, T * 3, 32, 32] and y int64 [B, T]."""
@@ -88,22 +119,8 @@ class TrainStep:
         self.loss_sum += losses.detach().double() * len(y)
         self.correct += (logits.argmax(2) == y).sum(0)
 
-    def _eager_then_capture(self, batch: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """This step eagerly on a side stream (creating gradients and optimizer state), then capture
-        the next ones (capture records the kernels without running them)."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self.compute(x, y)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.compute(x, y)
-        self._graphs[batch] = graph
-
     def invalidate(self) -> None:
-        """Drop the captured graphs (tensors they read were replaced); the next step captures again."""
-        self._graphs.clear()
+        self.call.invalidate()
 
     def take_accumulators(self) -> tuple[list[float], list[int]]:
         """The accumulators summed over ranks, as Python numbers (one host sync), then zeroed."""
@@ -113,18 +130,40 @@ class TrainStep:
         return values
 
 
-def evaluate(net, images: torch.Tensor, labels: torch.Tensor, trials: int, amp: bool,
-             batch_size: int = 1000) -> tuple[list[float], list[float]]:
-    """Each trial's mean loss and accuracy on uint8 images [N, 32, 32, 3] (one host sync at the end)."""
-    net.eval()
-    loss_sum = torch.zeros(trials, device=images.device)
-    correct = torch.zeros(trials, dtype=torch.int64, device=images.device)
-    with torch.no_grad(), torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-        for i in range(0, len(images), batch_size):
-            x = data_lib.normalize(images[i:i + batch_size])
-            logits = net(stacked_input([x] * trials))  # every trial sees the same test images
-            y = labels[i:i + batch_size, None].expand(-1, trials)
-            loss_sum += per_trial_cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(2) == y).sum(0)
-    net.train()
-    return (loss_sum / len(images)).tolist(), (correct.double() / len(images)).tolist()
+class Evaluation:
+    """Each trial's mean loss and accuracy on a fixed test set (every trial sees the same images).
+
+    images uint8 [N, 32, 32, 3], labels int64 [N], on the model's device; batches of `batch_size`
+    run eagerly, on static buffers, or as CUDA graphs (see StaticCall), in eval mode without
+    gradients. Accumulators: loss_sum float64 [T], correct int64 [T].
+    """
+
+    def __init__(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, trials: int,
+                 amp: bool = False, batch_size: int = 1000, static: bool = False, graph: bool = False):
+        self.net, self.images, self.labels, self.trials = net, images, labels, trials
+        self.amp, self.batch_size = amp, batch_size
+        self.loss_sum = torch.zeros(trials, dtype=torch.float64, device=images.device)
+        self.correct = torch.zeros(trials, dtype=torch.int64, device=images.device)
+        self.call = StaticCall(self.compute, static, graph)
+
+    def __call__(self) -> tuple[list[float], list[float]]:
+        """(mean loss per trial, accuracy per trial), with one host sync at the end."""
+        self.loss_sum.zero_(), self.correct.zero_()
+        self.net.eval()
+        with torch.no_grad():
+            for i in range(0, len(self.images), self.batch_size):
+                self.call(self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size])
+        self.net.train()
+        n = len(self.images)
+        return (self.loss_sum / n).tolist(), (self.correct.double() / n).tolist()
+
+    def compute(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One test batch: images uint8 [B, 32, 32, 3], labels int64 [B], into the accumulators."""
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.amp):
+            logits = self.net(stacked_input([data_lib.normalize(images)] * self.trials))  # [B, T, classes]
+        y = labels[:, None].expand(-1, self.trials)
+        self.loss_sum += per_trial_cross_entropy(logits, y, reduction="sum")
+        self.correct += (logits.argmax(2) == y).sum(0)
+
+    def invalidate(self) -> None:
+        self.call.invalidate()

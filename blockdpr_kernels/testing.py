@@ -115,9 +115,19 @@ class Work:
     """What a block of code made the device do: ``ops`` counts the torch ops dispatched that are not
     views (``"aten.empty"``, ``"blockdpr_kernels.conv2d"``, ...), including those inside this package's
     custom ops but not those of a kernel launch itself; ``launches`` counts the launches per kernel
-    name of :func:`kernels` (one per call, whatever autotuning or the interpreter do inside it)."""
+    name of :func:`kernels` (one per call, whatever autotuning or the interpreter do inside it);
+    ``syncs`` counts what makes the host wait for the device: a tensor read as a Python number
+    (``"item"``: ``.item()``, ``bool()``, ``int()``, ``float()``), ``"tolist"`` and ``"numpy"`` (each
+    counted even on a CPU tensor, so CPU tests see what a GPU run would wait for), a copy from a
+    GPU to the CPU (``"to_cpu"``), and ops whose output size depends on tensor values
+    (``"aten.nonzero"``, ...)."""
     ops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     launches: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    syncs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+_VALUE_SIZED_OPS = frozenset({"aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim",
+                              "aten.unique_consecutive", "aten.repeat_interleave"})
 
 
 class _OpCounter(TorchDispatchMode):
@@ -129,13 +139,27 @@ class _OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = f"{func.namespace}.{func._opname}"
         if not func.is_view:
-            self.work.ops[f"{func.namespace}.{func._opname}"] += 1
+            self.work.ops[name] += 1
+        if name == "aten._local_scalar_dense":
+            self.work.syncs["item"] += 1
+        elif name in _VALUE_SIZED_OPS:
+            self.work.syncs[name] += 1
+        elif name in ("aten._to_copy", "aten.copy_") and _to_cpu(func, args, kwargs):
+            self.work.syncs["to_cpu"] += 1
         if func.namespace == "blockdpr_kernels":
             from torch._library.custom_ops import OPDEFS
             with self:
                 return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _to_cpu(func, args, kwargs) -> bool:
+    """Whether a _to_copy / copy_ moves a tensor from a GPU to the CPU."""
+    if func._opname == "copy_":
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return args[0].device.type != "cpu" and torch.device(kwargs.get("device") or args[0].device).type == "cpu"
 
 
 @contextlib.contextmanager
@@ -152,9 +176,17 @@ def record_work():
                 return _run(*args, **kwargs)
         tuner.run = run  # kernel[grid](...) calls self.run: the instance attribute wins
         patched.append(tuner)
+    readers = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}  # read memory without an op
+    for name, read in readers.items():
+        def counted(self, *args, _name=name, _read=read, **kwargs):
+            work.syncs[_name] += 1
+            return _read(self, *args, **kwargs)
+        setattr(torch.Tensor, name, counted)
     try:
         with _OpCounter(work):
             yield work
     finally:
+        for name, read in readers.items():
+            setattr(torch.Tensor, name, read)
         for tuner in patched:
             del tuner.run

@@ -1,6 +1,7 @@
 """The training step on static input buffers (the CUDA-graph path) equals the eager step bit for
 bit, through a reallocation; element-mode masks stay the same tensors (a graph keeps reading them)."""
 
+import collections
 import functools
 
 import pytest
@@ -12,8 +13,10 @@ from blockdpr.distributed import Distributed
 from blockdpr.models import WideResNet
 from blockdpr.sparsity import DPRConfig, ElementSparsity, Reallocator
 from blockdpr.stacked import StackedWideResNet
-from blockdpr.step import TrainStep
-from blockdpr.train import main
+from blockdpr.loop import Trainer
+from blockdpr.step import Evaluation, TrainStep
+from blockdpr.train import main, parse_configs
+from blockdpr_kernels.testing import record_work
 from tiny import TINY
 
 
@@ -63,9 +66,76 @@ def test_a_run_on_the_static_step_path_equals_the_eager_run(tmp_path, tiny_cifar
              "--realloc-periods", "0:2", "--target-pruned", "100", "--lr-schedule", "0:0.1,1:0.05"]
     main([*flags, "--out", str(tmp_path / "eager")])
     monkeypatch.setattr(loop, "TrainStep", functools.partial(TrainStep, static=True))
+    monkeypatch.setattr(loop, "Evaluation", functools.partial(Evaluation, static=True))
     main([*flags, "--out", str(tmp_path / "static")])
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("eager", "static"))
     assert a["metrics"][-1]["reallocations"] > 0, "the runs must include reallocations"
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
     assert [r["train_loss"] for r in a["metrics"]] == [r["train_loss"] for r in b["metrics"]]
+
+
+def _dense_setup(trials: int):
+    model, _, _, optimizer, _ = setup(False, trials)
+    views = [model.trial_sparse_tensors(t) for t in range(trials)]
+    return model, TrainStep(model, model, optimizer, [None] * trials, views, Distributed())
+
+
+def _batch(trials: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 3, 32, 32, generator=g) for _ in range(trials)], \
+        [torch.randint(0, 10, (6,), generator=g) for _ in range(trials)]
+
+
+@pytest.mark.parametrize("trials", [1, 2])
+def test_the_dpr_step_has_no_host_sync_and_adds_two_foreach_ops_per_trial_to_the_dense_step(trials):
+    """What a step makes the device do, counted: nothing waits for the device (a CUDA graph could not
+    capture it, and eagerly it would stall the launch queue), and DPR's whole per-step cost over the
+    dense step is masking the gradients and the weights, one foreach op each per trial."""
+    work = {}
+    for name, step in (("dense", _dense_setup(trials)[1]), ("dpr", setup(False, trials)[4])):
+        step(*_batch(trials, 0))  # the first step creates gradients and momentum buffers
+        with record_work() as work[name]:
+            step(*_batch(trials, 1))
+        assert not work[name].syncs, name
+    extra = work["dpr"].ops - work["dense"].ops
+    assert extra == collections.Counter({"aten._foreach_mul_": 2 * trials})
+    assert not work["dense"].ops - work["dpr"].ops
+
+
+def test_trainer_steps_have_no_host_sync_and_a_reallocation_syncs_once(tmp_path, tiny_cifar):
+    """The loop between reallocations (batch selection, augmentation, the step, the bookkeeping) never
+    waits for the device; a reallocation reads its per-tensor counts once (the exact split of K)."""
+    configs = parse_configs([*TINY, "--data", str(tiny_cifar), "--train-subset", "100", "--test-subset", "20",
+                             "--realloc-periods", "0:3", "--out", str(tmp_path / "run")])
+    trainer = Trainer(configs)
+    trainer.start_epoch(0)
+    with record_work() as steps:
+        for step in range(2):
+            trainer.step(0, step)
+    assert steps.ops["aten._foreach_mul_"] == 4, "two steps ran"
+    assert not steps.syncs
+    with record_work() as realloc:
+        trainer.step(0, 2)  # the third step reallocates
+    assert trainer.trials[0].state.reallocations == 1
+    assert realloc.syncs == collections.Counter({"numpy": 1})
+
+
+@pytest.mark.parametrize("trials", [1, 2])
+def test_static_buffer_evaluation_equals_eager_evaluation_and_syncs_once(trials):
+    """Evaluation on static buffers (the CUDA-graph path) gives the eager numbers bit for bit, with a
+    last batch of another size; its only host sync is reading the two results."""
+    model = setup(False, trials)[0]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (25, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (25,), generator=g)
+    results = []
+    for static in (False, True):
+        evaluation = Evaluation(model, images, labels, trials, batch_size=10, static=static)
+        with record_work() as work:
+            results.append(evaluation())
+        assert work.syncs == collections.Counter({"tolist": 2})
+        assert model.training
+    assert results[0] == results[1]
+    assert len(evaluation.call._buffers) == 2, "batches of 10 and of 5"
+    assert all(0 <= acc <= 1 for acc in results[0][1]) and len(results[0][0]) == trials

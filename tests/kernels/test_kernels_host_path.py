@@ -46,6 +46,7 @@ def test_conv_fwd_bwd_is_three_launches_and_the_output_allocations(with_bias):
         expected["aten.sum"] = 1  # the bias gradient
     assert work.ops == expected
     assert work.launches == LAUNCHES
+    assert not work.syncs
 
 
 @needs_kernels
@@ -59,6 +60,7 @@ def test_linear_fwd_bwd_is_three_launches_and_the_output_allocations():
         "blockdpr_kernels.linear": 1, "blockdpr_kernels.linear_grad_input": 1,
         "blockdpr_kernels.linear_grad_weight": 1, "aten.new_empty": 3})  # y, dx, dvalues
     assert work.launches == LAUNCHES
+    assert not work.syncs
 
 
 @needs_kernels
