@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 
-from bench.aot import DTYPES, KERNELS, PACKAGE, TARGETS, TC_INSTRUCTIONS, VARIANTS, build_signature, nvidia_tool
+from bench.aot_compile import nvidia_tool
+from bench.aot_jobs import DTYPES, KERNELS, PACKAGE, TARGETS, TC_INSTRUCTIONS, VARIANTS, build_signature
 
 def _unwrap(obj):
     """Autotuner / Heuristics -> the JITFunction underneath (None if obj is not a triton kernel)."""

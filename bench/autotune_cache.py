@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/autotune_cache.py`: the repository root makes `bench` importable
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from bench.aot import source_hash
+from bench.aot_compile import source_hash
 from blockdpr.runinfo import atomic_write_json, slug
 
 __all__ = ["DEFAULT_DIR", "tuners", "path_for", "snapshot", "save", "load", "clear", "narrow"]

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench import aot as kr
+from bench.aot_compile import compile_jobs
+from bench.aot_jobs import KERNELS, REPRESENTATIVE_BLOCK, VARIANTS, build_jobs, build_signature, parse_config
 
 
 def _have_nvidia_tools() -> bool:
@@ -31,30 +33,30 @@ def _have_nvidia_tools() -> bool:
 
 
 needs_tools = pytest.mark.skipif(not _have_nvidia_tools(), reason="triton's NVIDIA backend (ptxas, cuobjdump) or ASTSource(constexprs=) missing")
-BLOCK = kr.REPRESENTATIVE_BLOCK
+BLOCK = REPRESENTATIVE_BLOCK
 
 
 def test_signature_table_errors_name_the_missing_entry():
     job = dict(kernel="fwd", variant="linear", dtype="bf16", block=[32, 32],
-               config=kr.parse_config("BLOCK_M=64,num_warps=4,num_stages=3"), config_index=None, target=90)
-    sig, const, attrs = kr.build_signature(job, ["x_ptr", "row_ptr", "M", "H", "BN", "BLOCK_M"], ["BN", "BLOCK_M"])
+               config=parse_config("BLOCK_M=64,num_warps=4,num_stages=3"), config_index=None, target=90)
+    sig, const, attrs = build_signature(job, ["x_ptr", "row_ptr", "M", "H", "BN", "BLOCK_M"], ["BN", "BLOCK_M"])
     assert sig == {"x_ptr": "*bf16", "row_ptr": "*i32", "M": "i32", "H": "constexpr", "BN": "constexpr",
                    "BLOCK_M": "constexpr"}
     assert const == {"H": 1, "BN": 32, "BLOCK_M": 64} and (0,) in attrs and (2,) in attrs
     with pytest.raises(ValueError, match="NEW_ARG"):
-        kr.build_signature(job, ["x_ptr", "NEW_ARG"], [])
+        build_signature(job, ["x_ptr", "NEW_ARG"], [])
     with pytest.raises(ValueError, match="NEW_CONST"):
-        kr.build_signature(job, ["x_ptr", "NEW_CONST"], ["NEW_CONST"])
+        build_signature(job, ["x_ptr", "NEW_CONST"], ["NEW_CONST"])
 
 
 def test_jobs_skip_the_configs_the_kernel_prunes():
-    cfg = [kr.parse_config(f"BLOCK_M={bm}") for bm in (64, 128, 256)]
+    cfg = [parse_config(f"BLOCK_M={bm}") for bm in (64, 128, 256)]
     info = dict(kernels=dict(fwd=dict(configs=cfg, pickable={"bf16/32/90": [1, 2], "bf16/32/80": [2]})),
                 blocks=dict(linear=[32]))
-    jobs = kr.build_jobs(info, kernels=["fwd"], variants=["linear"], dtypes=["bf16"], blocks=[32],
-                         extra_configs=[kr.parse_config("BLOCK_M=16")])
+    jobs = build_jobs(info, kernels=["fwd"], variants=["linear"], dtypes=["bf16"], blocks=[32],
+                      extra_configs=[parse_config("BLOCK_M=16")])
     assert [(j["config_index"], j["target"]) for j in jobs] == [(1, 90), (2, 90), (2, 80), (None, 90), (None, 80)]
-    first = kr.build_jobs(info, kernels=["fwd"], variants=["linear"], dtypes=["bf16"], blocks=[32], configs="first")
+    first = build_jobs(info, kernels=["fwd"], variants=["linear"], dtypes=["bf16"], blocks=[32], configs="first")
     assert [(j["config_index"], j["target"]) for j in first] == [(1, 90), (2, 80)]
 
 
@@ -72,9 +74,9 @@ def aot():
 @needs_tools
 def test_every_kernel_is_in_the_table(aot):
     assert aot["kernel_errors"] == {}
-    assert aot["unlisted"] == [], "add these kernels to KERNELS in bench/aot.py"
+    assert aot["unlisted"] == [], "add these kernels to KERNELS in bench/aot_jobs.py"
     seen = {(r["kernel"], r["variant"]) for r in aot["rows"]}
-    assert seen == {(k, v) for k in kr.KERNELS for v in kr.VARIANTS}
+    assert seen == {(k, v) for k in KERNELS for v in VARIANTS}
     n_configs = {k: len(v["configs"]) for k, v in aot["kernels"].items()}
     assert all(n > 1 for n in n_configs.values()), f"expected the real autotune lists, got {n_configs}"
 
@@ -111,8 +113,8 @@ def test_default_configs_do_not_spill_and_fit_shared_memory(aot):
 
 @needs_tools
 def test_bad_configs_are_reported_not_crashed_on():
-    too_big = kr.parse_config("BLOCK_M=1024,num_warps=4,num_stages=4")  # ~390 KB of shared memory
-    not_pow2 = kr.parse_config("BLOCK_M=48,num_warps=4,num_stages=3")   # tl.arange needs a power of 2
+    too_big = parse_config("BLOCK_M=1024,num_warps=4,num_stages=4")  # ~390 KB of shared memory
+    not_pow2 = parse_config("BLOCK_M=48,num_warps=4,num_stages=3")   # tl.arange needs a power of 2
     res = kr.run_compile(kernels=["wgrad"], variants=["linear"], dtypes=["bf16"], blocks=[BLOCK], configs=[],
                          extra_configs=[too_big, not_pow2], workers=2)
     rows = {(r["config"]["kwargs"]["BLOCK_M"], r["target"]): r for r in res["rows"]}
@@ -133,8 +135,8 @@ def test_bad_configs_are_reported_not_crashed_on():
 
 @needs_tools
 def test_a_dying_compiler_process_is_an_error_row(aot):
-    job = dict(kernel="fwd", variant="linear", dtype="bf16", block=[BLOCK, BLOCK], config=kr.parse_config("BLOCK_M=64"),
+    job = dict(kernel="fwd", variant="linear", dtype="bf16", block=[BLOCK, BLOCK], config=parse_config("BLOCK_M=64"),
                config_index=None, target=90, _crash=True)
     info = dict(kernels=aot["kernels"])
-    (row,) = kr.compile_jobs([job], info, workers=1, use_cache=False)
+    (row,) = compile_jobs([job], info, workers=1, use_cache=False)
     assert "compiler process died: worker exited with code 3" in row["error"] and row["ok"] is False
