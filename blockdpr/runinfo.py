@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, IO
 
@@ -72,12 +73,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete the temp files (``.<name>.*.tmp``) that interrupted atomic writes left in ``directory``."""
+def remove_stale_temps(directory: str | Path, older_than: float = 0.0) -> list[Path]:
+    """Delete the temp files (``.<name>.*.tmp``) that interrupted atomic writes left in ``directory``.
+
+    older_than: only those not modified for that many seconds, where another process may be
+    writing into the directory at this moment (its temp file is younger).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    stale = [p for p in directory.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    cutoff = time.time() - older_than
+    stale = [p for p in directory.glob(f".*{TEMP_SUFFIX}") if p.is_file() and p.stat().st_mtime <= cutoff]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +108,18 @@ def test_wrong_shape_cache_is_rejected(tmp_path):
     ]:
         cache.save_cache(f, {**good, key: bad}, "ab" * 32)
         assert cache.load_cache(f, "ab" * 32) is None, key
+
+
+def test_a_cache_write_removes_old_temp_files_of_killed_writes_only(tmp_path):
+    """A killed write leaves `.<name>.*.tmp` (a full cache is ~180 MB): the next write removes those an
+    hour old, and keeps a younger one that another data-parallel rank may be writing right now."""
+    arrays = {"train_images": np.zeros((10, 32, 32, 3), np.uint8), "train_labels": np.arange(10, dtype=np.int64),
+              "test_images": np.zeros((10, 32, 32, 3), np.uint8), "test_labels": np.arange(10, dtype=np.int64)}
+    old, young = tmp_path / ".c.npz.old.tmp", tmp_path / ".c.npz.young.tmp"
+    old.write_bytes(b"partial")
+    young.write_bytes(b"partial")
+    past = time.time() - cache.STALE_TEMP_SECONDS - 60
+    os.utime(old, (past, past))
+    cache.save_cache(tmp_path / "c.npz", arrays, "ab" * 32)
+    assert not old.exists() and young.exists()
+    assert cache.load_cache(tmp_path / "c.npz", "ab" * 32) is not None

@@ -3,7 +3,9 @@
 A cache file is named after the source's sha256 and holds, beside the arrays, that checksum,
 a format version and a sha256 digest of the arrays themselves (names, dtypes, shapes and
 bytes), so a cache that is stale, truncated, garbled or altered in any array is never used: it
-is rebuilt from the source. It is written with :func:`blockdpr.runinfo.atomic_write`.
+is rebuilt from the source. It is written with :func:`blockdpr.runinfo.atomic_write`; the temp
+files of writes that were killed (an hour old or more: data-parallel ranks may be writing now)
+are removed at the next write.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runinfo import atomic_write
+from ..runinfo import atomic_write, remove_stale_temps
 from .dataset import CLASSES, IMAGE_SHAPE
 
 ARRAY_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 CACHE_VERSION = 2  # 2: adds the digest of the arrays
+STALE_TEMP_SECONDS = 3600  # a cache write takes seconds; a temp file this old was left by a killed one
 
 
 def cache_dirs(source: Path, cache_dir=None) -> list[Path]:
@@ -82,4 +85,5 @@ def save_cache(file: Path, arrays: dict[str, np.ndarray], checksum: str) -> None
     """Write the cache of the source with sha256 ``checksum`` atomically (creating its directory)."""
     fields = dict(checksum=np.array(checksum), version=np.array(CACHE_VERSION),
                   digest=np.array(arrays_digest(arrays)))
+    remove_stale_temps(file.parent, older_than=STALE_TEMP_SECONDS)
     atomic_write(file, lambda f: np.savez(f, **fields, **{k: arrays[k] for k in ARRAY_KEYS}))
