@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import reproduce
+from . import matrix, results
 from .runinfo import atomic_write_json, atomic_write_text, device_info, git_info
 from .setup import resolve_device
 
@@ -79,12 +79,12 @@ def apply_preset(parser: argparse.ArgumentParser, argv: list[str] | None = None)
 
 
 # ---- planned time ---------------------------------------------------------------------------
-def plan_images(runs: list[reproduce.Run], images_per_epoch: int = CIFAR10_TRAIN_IMAGES) -> int:
+def plan_images(runs: list[matrix.Run], images_per_epoch: int = CIFAR10_TRAIN_IMAGES) -> int:
     """Training images the runs still have to train (every planned one, for a fresh root)."""
-    return sum(reproduce.run_epochs(r) for r in runs) * images_per_epoch
+    return sum(matrix.run_epochs(r) for r in runs) * images_per_epoch
 
 
-def predict_seconds(runs: list[reproduce.Run], images_per_second: float,
+def predict_seconds(runs: list[matrix.Run], images_per_second: float,
                     images_per_epoch: int = CIFAR10_TRAIN_IMAGES) -> float:
     """Seconds of training left in `runs` at an aggregate throughput (evaluation not counted)."""
     if not images_per_second > 0:
@@ -100,10 +100,10 @@ def duration(seconds: float) -> str:
 
 
 # ---- measured throughput --------------------------------------------------------------------
-def _timed_trials(opts: argparse.Namespace, trials: int | None) -> list[reproduce.Run]:
+def _timed_trials(opts: argparse.Namespace, trials: int | None) -> list[matrix.Run]:
     """The runs whose step is timed: the plan's first DPR runs without dependencies (else those of its
     first mode), as many as one process trains together (at most `trials`)."""
-    free = [r for r in reproduce.plan(opts) if not r.depends]
+    free = [r for r in matrix.plan(opts) if not r.depends]
     if not free:
         raise ValueError("the plan has no run without dependencies to time")
     mode = "dpr" if any(r.condition == "dpr" for r in free) else free[0].condition
@@ -111,11 +111,11 @@ def _timed_trials(opts: argparse.Namespace, trials: int | None) -> list[reproduc
     return [r for r in free if r.condition == mode][:limit]
 
 
-def _step_configs(opts: argparse.Namespace, runs: list[reproduce.Run], tmp: Path, images: int, batch: int):
+def _step_configs(opts: argparse.Namespace, runs: list[matrix.Run], tmp: Path, images: int, batch: int):
     """The runs' validated RunConfigs (as reproduce builds them), in `tmp`, on `images` training images."""
     configs = []
     for run in runs:
-        config = reproduce.trial_config(dataclasses.replace(run, out=tmp / run.out.name), opts)
+        config = matrix.trial_config(dataclasses.replace(run, out=tmp / run.out.name), opts)
         configs.append(dataclasses.replace(config, batch_size=batch, train_subset=images, test_subset=batch,
                                            no_progress=True, snapshot_epochs=()).check())
     return configs
@@ -196,13 +196,13 @@ def cached_throughput(opts: argparse.Namespace, trials: int | None = None) -> tu
         cache = {}
     if key in cache:
         return cache[key], True
-    reproduce.console.print(f"measuring this machine's training throughput ({key}) ...", highlight=False)
+    results.console.print(f"measuring this machine's training throughput ({key}) ...", highlight=False)
     measured = measure_throughput(opts, trials)
     atomic_write_json(path, {**cache, key: measured})
     return measured, False
 
 
-def prediction_text(runs: list[reproduce.Run], opts: argparse.Namespace) -> str:
+def prediction_text(runs: list[matrix.Run], opts: argparse.Namespace) -> str:
     """What the dry run prints: training images left, and the time at the target throughput and at
     this machine's measured one."""
     per_epoch = opts.train_subset or CIFAR10_TRAIN_IMAGES
@@ -254,10 +254,10 @@ def orderings(rows: list[dict], sparsity: float, schedule: int) -> list[str]:
 
 
 def write_report(rows: list[dict], out_dir: Path) -> Path:
-    """figure1.md / .csv and figure1a.png (reproduce.write_table, write_figures), and figure1-short.md
-    assembling them with the published values and the orderings. rows: reproduce.aggregate's."""
-    _, table = reproduce.write_table(rows, out_dir)
-    reproduce.write_figures(rows, out_dir)
+    """figure1.md / .csv and figure1a.png (results.write_table, write_figures), and figure1-short.md
+    assembling them with the published values and the orderings. rows: results.aggregate's."""
+    _, table = results.write_table(rows, out_dir)
+    results.write_figures(rows, out_dir)
     schedules = sorted({r["schedule"] for r in rows})
     data = ", ".join(sorted({d for r in rows for d in r["data"]}))
     lines = [f"# Figure 1a, short schedule: {data}", "",

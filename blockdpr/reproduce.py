@@ -24,17 +24,13 @@ gmp_epochs / 48 in the same way.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import math
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -42,176 +38,17 @@ from rich.table import Table
 
 from . import figure1_short as presets
 from . import train as train_lib
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError
 from .cli import HelpFormatter, add_list_argument, escape
 from .config import ConfigError, RunConfig
+from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, plan, progress_key,
+                     run_epochs, shared_settings, trial_config)
+from .results import console, report
 from .run_dir import saved_config
 from .runinfo import atomic_write, atomic_write_json, atomic_write_text
 
-console = Console(stderr=True, soft_wrap=True)
 
-PAPER_EPOCHS = 200
-PAPER_MILESTONES = (60, 120, 160)
-PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
-PAPER_DPR_STOP = 190
-# The stop-epoch sweep of Figure 1b/c (our choice of points between 10 and 180; a flag).
-PAPER_STOP_EPOCHS = (10, 20, 40, 60, 80, 100, 120, 140, 160, 180)
-GMP_PAPER_EPOCHS, GMP_PAPER_STEPS, GMP_PAPER_INTERVAL = 48, 20, 2
-GMP_PAPER_LR = ((0, 0.0), (1, 0.02), (25, 0.004), (35, 0.0008))
-
-CONDITIONS = ("dpr", "reinit", "orig-init", "static", "stop", "gmp", "dense")
-LABELS = {"dense": "dense", "dpr": "DPR", "reinit": "final structure + random re-init",
-          "orig-init": "final structure + original init", "static": "static random structure",
-          "gmp": "compressed (gradual pruning)", "stop": "DPR stopped at epoch E"}
-# What the DSR authors published for WRN-28-2 on CIFAR-10 (mean +- std of 5 runs; dense: mean).
-PUBLISHED = {("dense", None): (94.70, None), ("dpr", 0.9): (93.59, 0.17), ("dpr", 0.8): (94.40, 0.11),
-             ("static", 0.9): (92.04, 0.31), ("static", 0.8): (93.48, 0.11),
-             ("gmp", 0.9): (93.75, 0.08), ("gmp", 0.8): (94.13, 0.13)}
-
-
-def scaled(epoch: int, scale: float) -> int:
-    """An epoch of the paper's schedule on a schedule `scale` times as long (rounded half up)."""
-    return int(math.floor(epoch * scale + 0.5))
-
-
-def piecewise_text(pairs) -> str:
-    """'epoch:value,...' with the first value kept where scaled epochs collide."""
-    seen: dict[int, object] = {}
-    for e, v in pairs:
-        seen.setdefault(e, v)
-    return ",".join(f"{e}:{v:g}" if isinstance(v, float) else f"{e}:{v}" for e, v in sorted(seen.items()))
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The training schedule of every run of the matrix."""
-
-    epochs: int
-    milestones: tuple[int, ...]
-    realloc_periods: str
-    dpr_stop: int
-    stop_epochs: tuple[int, ...]
-    gmp_epochs: int
-    gmp_steps: int
-    gmp_interval: int
-    gmp_lr: str
-
-    @classmethod
-    def scaled_from_paper(cls, epochs: int, stop_epochs=PAPER_STOP_EPOCHS, gmp_epochs: int | None = None) -> "Schedule":
-        s = epochs / PAPER_EPOCHS
-        dpr_stop = min(epochs, max(1, scaled(PAPER_DPR_STOP, s)))
-        stops = tuple(sorted({min(max(1, scaled(e, s)), epochs) for e in stop_epochs} - {dpr_stop}))
-        g = gmp_epochs or GMP_PAPER_EPOCHS
-        gs = g / GMP_PAPER_EPOCHS
-        span = max(1, min(g, scaled(GMP_PAPER_STEPS * GMP_PAPER_INTERVAL, gs)))  # epochs with prunings
-        steps = min(GMP_PAPER_STEPS, span)
-        interval = max(1, span // steps)
-        gmp_lr = [(0, GMP_PAPER_LR[0][1])] + [(max(1, scaled(e, gs)), v) for e, v in GMP_PAPER_LR[1:]]
-        return cls(
-            epochs=epochs,
-            milestones=tuple(sorted({max(1, scaled(m, s)) for m in PAPER_MILESTONES if scaled(m, s) < epochs})),
-            realloc_periods=piecewise_text([(scaled(e, s), p) for e, p in PAPER_REALLOC_PERIODS]),
-            dpr_stop=dpr_stop, stop_epochs=stops,
-            gmp_epochs=g, gmp_steps=steps, gmp_interval=interval, gmp_lr=piecewise_text(gmp_lr),
-        )
-
-
-@dataclass
-class Run:
-    """One planned run: a run directory of blockdpr.train."""
-
-    condition: str  # one of CONDITIONS
-    sparsity: float | None  # None for dense
-    seed: int
-    stop_epoch: int | None  # DPR runs: the epoch after which the structure is frozen
-    out: Path
-    settings: dict  # its RunConfig settings (besides the shared ones, seed and out)
-    depends: list[Path] = field(default_factory=list)  # run directories that must be finished first
-
-    @property
-    def mode(self) -> str:
-        return {"stop": "dpr"}.get(self.condition, self.condition)
-
-    def status(self) -> str:
-        """done (summary.json), partial (a checkpoint) or new."""
-        if (self.out / "summary.json").is_file():
-            return "done"
-        return "partial" if (self.out / "last.pt").is_file() else "new"
-
-
-def run_name(condition: str, sparsity: float | None, seed: int, stop: int | None) -> str:
-    if condition == "dense":
-        return f"dense-seed{seed}"
-    if condition == "stop":
-        return f"dpr-stop{stop}-s{sparsity}-seed{seed}"
-    return f"{condition}-s{sparsity}-seed{seed}"
-
-
-def plan(opts: argparse.Namespace) -> list[Run]:
-    """Every run of the matrix, in an order that respects the dependencies."""
-    sched: Schedule = opts.schedule
-    root: Path = opts.root
-    seeds = range(opts.first_seed, opts.first_seed + opts.trials)
-    base = dict(epochs=sched.epochs, lr_milestones=tuple(sched.milestones),
-                realloc_periods=train_lib.piecewise(sched.realloc_periods, int))
-    gmp_settings = dict(epochs=sched.gmp_epochs, gmp_steps=sched.gmp_steps, gmp_interval=sched.gmp_interval,
-                        lr_schedule=train_lib.piecewise(sched.gmp_lr))
-    wanted = set(opts.conditions)
-    runs: list[Run] = []
-
-    def add(condition, sparsity, seed, stop, settings, depends=()):
-        out = root / run_name(condition, sparsity, seed, stop)
-        runs.append(Run(condition, sparsity, seed, stop, out, settings, list(depends)))
-
-    # Wave 1: no dependencies.
-    if wanted & {"dense", "gmp"}:
-        for seed in seeds:
-            add("dense", None, seed, None, dict(mode="dense", **base))
-    fork = "stop" in wanted and opts.fork and sched.stop_epochs
-    snapshots = dict(snapshot_epochs=tuple(sched.stop_epochs)) if fork else {}
-    for s in opts.sparsities:
-        sp = dict(sparsity=s)
-        for seed in seeds:
-            dpr = root / run_name("dpr", s, seed, None)
-            if wanted & {"dpr", "reinit", "orig-init", "stop"}:
-                add("dpr", s, seed, sched.dpr_stop, dict(mode="dpr", **sp, **base, dpr_stop_epoch=sched.dpr_stop, **snapshots))
-            if "static" in wanted:
-                add("static", s, seed, None, dict(mode="static", **sp, **base))
-            if "stop" in wanted:  # with fork: continued from the DPR run's checkpoint after epoch E (see fork_stop_run)
-                for e in sched.stop_epochs:
-                    add("stop", s, seed, e, dict(mode="dpr", **sp, **base, dpr_stop_epoch=e), [dpr] if fork else [])
-    # Wave 2: built on a finished run of wave 1.
-    for s in opts.sparsities:
-        sp = dict(sparsity=s)
-        for seed in seeds:
-            dpr = root / run_name("dpr", s, seed, None)
-            for mode in ("reinit", "orig-init"):
-                if mode in wanted:
-                    add(mode, s, seed, None, dict(mode=mode, **sp, **base, structure_from=dpr), [dpr])
-            if "gmp" in wanted:
-                dense = root / run_name("dense", None, seed, None)
-                add("gmp", s, seed, None, dict(mode="gmp", **sp, **gmp_settings, dense_from=dense), [dense])
-    # Within a wave: what others depend on first (dense, DPR), then by condition, sparsity, stop epoch, seed.
-    order = {c: i for i, c in enumerate(("dense", "dpr", "static", "stop", "reinit", "orig-init", "gmp"))}
-    return sorted(runs, key=lambda r: (bool(r.depends), order[r.condition], -(r.sparsity or 0), r.stop_epoch or 0, r.seed))
-
-
-def shared_settings(opts: argparse.Namespace) -> dict:
-    """RunConfig settings every run gets from this command line."""
-    names = ("device", "depth", "width", "batch_size", "data", "train_subset", "test_subset", "amp", "compile", "no_progress")
-    return {name: getattr(opts, name) for name in names}
-
-
-def trial_config(run: Run, opts: argparse.Namespace) -> RunConfig:
-    """The validated blockdpr.train config of one run (resume if it has a checkpoint); --train-args last."""
-    config = RunConfig(**{**shared_settings(opts), **run.settings, **opts.train_overrides},
-                       seed=run.seed, out=run.out, resume=run.status() == "partial")
-    errors = config.errors()
-    if errors:
-        raise ConfigError([f"invalid training settings for {run.out}: {e}" for e in errors])
-    return config.resolved()
-
-
+# ---- execution ----------------------------------------------------------------------------------
 def check_existing(run: Run, args: RunConfig) -> None:
     """A run directory that already holds a run must hold this run (not one with other settings)."""
     config_file = run.out / "config.json"
@@ -225,16 +62,6 @@ def check_existing(run: Run, args: RunConfig) -> None:
         raise SystemExit(f"{run.out} holds a run with other settings ({'; '.join(different)}): "
                          "use another --root, or remove that directory")
 
-
-def progress_key(run: Run) -> tuple:
-    """Where a run stands, for grouping: runs trained together must be at the same point."""
-    if run.status() == "new":
-        return ("new",)
-    try:
-        p = load_checkpoint(run.out / "last.pt")["progress"]
-    except CheckpointError as e:
-        raise SystemExit(f"{run.out}: {e}") from None
-    return ("at", p["epoch"], p["step_in_epoch"], p["global_step"])
 
 
 def jobs(pending: list[Run], per_process: int) -> list[list[Run]]:
@@ -271,16 +98,6 @@ def fork_stop_run(run: Run) -> bool:
             with open(source, "rb") as f:
                 atomic_write(run.out / name, lambda out: shutil.copyfileobj(f, out))
     return True
-
-
-def run_epochs(run: Run) -> int:
-    """Epochs a run still has to train (from its checkpoint if it has one)."""
-    total = run.settings["epochs"]
-    if run.status() == "done":
-        return 0
-    if run.status() == "partial":
-        return max(0, total - progress_key(run)[1])
-    return total - run.stop_epoch if run.condition == "stop" and run.depends else total  # forked: see fork_stop_run
 
 
 def show_plan(runs: list[Run], opts: argparse.Namespace) -> None:
@@ -329,193 +146,6 @@ def execute(opts: argparse.Namespace) -> bool:
             console.print(f"[bold]training {len(job)} run(s) together:[/bold] {', '.join(r.out.name for r in job)}")
             train_lib.train_trials(configs)
     return all(r.status() == "done" for r in runs)
-
-
-# ---- aggregation ----------------------------------------------------------------------------
-def classify(summary: dict, dpr_stop: int | None = None) -> tuple[str, float | None, int | None]:
-    """(condition, sparsity, stop epoch) of a finished run from its summary.json.
-
-    A DPR run is the full DPR condition when it stopped reallocating at or after the DPR stop of
-    its schedule (dpr_stop, default: 190 scaled to its epochs), otherwise a point of the sweep."""
-    mode = summary["mode"]
-    if mode == "dense":
-        return "dense", None, None
-    sparsity = round(float(summary["sparsity"]), 6)
-    if mode == "dpr":
-        stop = summary.get("dpr_stop_epoch")
-        full = dpr_stop if dpr_stop is not None else Schedule.scaled_from_paper(summary["epochs"]).dpr_stop
-        stop = min(stop, summary["epochs"]) if stop is not None else summary["epochs"]
-        return ("dpr", sparsity, stop) if stop >= full else ("stop", sparsity, stop)
-    return mode, sparsity, None
-
-
-def schedule_epochs(run_dir: Path, summary: dict) -> int:
-    """The length of the schedule a run belongs to: its epochs, or for gmp those of its dense run."""
-    if summary["mode"] != "gmp":
-        return summary["epochs"]
-    try:
-        dense = Path(json.loads((run_dir / "config.json").read_text())["dense_from"])
-        return json.loads((dense / "summary.json").read_text())["epochs"]
-    except (OSError, KeyError, TypeError, ValueError):
-        return summary["epochs"]
-
-
-def collect(dirs: list[Path]) -> list[dict]:
-    """Every finished run (summary.json) in or below `dirs`, with its condition."""
-    found = {}
-    for d in dirs:
-        if not d.exists():
-            raise SystemExit(f"no such directory: {d}")
-        for path in sorted([d / "summary.json"] if (d / "summary.json").is_file() else d.rglob("summary.json")):
-            summary = json.loads(path.read_text())
-            condition, sparsity, stop = classify(summary)
-            found[path.parent.resolve()] = {**summary, "condition": condition, "sparsity": sparsity, "stop": stop,
-                                           "schedule": schedule_epochs(path.parent, summary), "run_dir": str(path.parent)}
-    return list(found.values())
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1; None for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def aggregate(runs: list[dict]) -> list[dict]:
-    """One row per (condition, sparsity, stop epoch, schedule): final test accuracy in %, mean, std, n.
-    schedule: the epochs of the runs (gmp: of the dense runs it pruned; its own epochs are `epochs`)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["condition"], r["sparsity"], r["stop"], r["schedule"]), []).append(r)
-    order = {c: i for i, c in enumerate(CONDITIONS)}
-    rows = []
-    for (condition, sparsity, stop, schedule), members in sorted(
-            groups.items(), key=lambda kv: (kv[0][3], order[kv[0][0]], -(kv[0][1] or 0), kv[0][2] or 0)):
-        mean, std = mean_std([100 * m["final_test_acc"] for m in members])
-        paper = PUBLISHED.get((condition, sparsity if condition != "dense" else None))
-        rows.append({"condition": condition, "label": LABELS[condition], "sparsity": sparsity, "stop_epoch": stop,
-                     "schedule": schedule, "epochs": sorted({m["epochs"] for m in members}), "n": len(members), "mean": mean, "std": std,
-                     "seeds": sorted(m["seed"] for m in members),
-                     "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None,
-                     "data": sorted({m.get("data", "?") for m in members})})
-    return rows
-
-
-def fmt(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return ""
-    return f"{mean:.2f}" + (f" +- {std:.2f}" if std is not None else "")
-
-
-def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """figure1.csv (every row) and figure1.md (the table for the results page)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "figure1.csv", out_dir / "figure1.md"
-    fields = ["condition", "sparsity", "stop_epoch", "schedule", "epochs", "n", "mean", "std", "paper_mean", "paper_std", "seeds", "data"]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (" ".join(map(str, r[k])) if isinstance(r[k], list) else r[k]) for k in fields})
-    lines = ["| condition | sparsity | DPR stopped after epoch | schedule (epochs) | test accuracy % (mean +- std) | n | published (DSR paper, 200 epochs) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {'' if r['sparsity'] is None else r['sparsity']} | "
-                     f"{'' if r['stop_epoch'] is None else r['stop_epoch']} | {r['schedule']}"
-                     f"{' + ' + '/'.join(map(str, r['epochs'])) + ' fine-tuning' if r['condition'] == 'gmp' else ''} | "
-                     f"{fmt(r['mean'], r['std'])} | "
-                     f"{r['n']} | {fmt(r['paper_mean'], r['paper_std'])} |")
-    data = sorted({d for r in rows for d in r["data"]})
-    lines += ["", f"Final test accuracy after the last epoch; std is the sample standard deviation over trials (n - 1). "
-                  f"Data: {', '.join(data) or '?'}."]
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
-def write_figures(rows: list[dict], out_dir: Path) -> list[Path]:
-    """figure1a.png (bars per condition and sparsity) and one stop-epoch panel per sparsity
-    (figure1b.png for the first sparsity, figure1c.png for the second, ...)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        written.append(out_dir / name)
-
-    schedules = sorted({r["schedule"] for r in rows})
-    for epochs in schedules:
-        suffix = "" if len(schedules) == 1 else f"-e{epochs}"
-        sel = [r for r in rows if r["schedule"] == epochs]
-        sparsities = sorted({r["sparsity"] for r in sel if r["sparsity"] is not None}, reverse=True)
-
-        # Figure 1a: bars per condition, one group per sparsity; dense as a line.
-        bar_conditions = [c for c in ("dpr", "reinit", "orig-init", "static", "gmp")
-                          if any(r["condition"] == c for r in sel)]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.8 / max(1, len(bar_conditions))
-        for i, c in enumerate(bar_conditions):
-            xs, ys, es = [], [], []
-            for j, s in enumerate(sparsities):
-                match = [r for r in sel if r["condition"] == c and r["sparsity"] == s]
-                if match:
-                    xs.append(j + (i - (len(bar_conditions) - 1) / 2) * width)
-                    ys.append(match[0]["mean"])
-                    es.append(match[0]["std"] or 0.0)
-            ax.bar(xs, ys, width, yerr=es, capsize=3, label=LABELS[c])
-            published = [(x, PUBLISHED[(c, s)][0]) for x, s in zip(xs, [s for s in sparsities if any(
-                r["condition"] == c and r["sparsity"] == s for r in sel)]) if (c, s) in PUBLISHED]
-            if published:
-                ax.scatter(*zip(*published), marker="_", s=200, color="k", zorder=3,
-                           label="published (DSR paper)" if c == "dpr" else None)
-        for r in sel:
-            if r["condition"] == "dense":
-                ax.axhline(r["mean"], color="k", ls="--", lw=1, label=f"dense ({r['mean']:.2f})")
-        ax.set_xticks(range(len(sparsities)), [f"sparsity {s}" for s in sparsities])
-        ax.set_ylabel("test accuracy (%)")
-        values = [r["mean"] - (r["std"] or 0) for r in sel] + [PUBLISHED[k][0] for k in PUBLISHED if k[1] in sparsities]
-        if values:
-            top = [r["mean"] + (r["std"] or 0) for r in sel] + [PUBLISHED[k][0] for k in PUBLISHED if k[1] in sparsities]
-            ax.set_ylim(max(0.0, min(values) - 2), min(100.0, max(top) + 1.5))
-        ax.set_title(f"Figure 1a: {epochs}-epoch schedule, mean +- std over trials")
-        ax.legend(fontsize=7, loc="best")
-        save(fig, f"figure1a{suffix}.png")
-
-        # Figure 1b, 1c: accuracy against the epoch at which DPR stopped; gmp and static as bands.
-        for letter, s in zip("bcdefgh", sparsities):
-            points = sorted((r for r in sel if r["sparsity"] == s and r["condition"] in ("stop", "dpr")),
-                            key=lambda r: r["stop_epoch"])
-            if not points:
-                continue
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.errorbar([r["stop_epoch"] for r in points], [r["mean"] for r in points],
-                        yerr=[r["std"] or 0.0 for r in points], marker="o", capsize=3, label="DPR stopped after epoch E")
-            for c, color in (("gmp", "tab:green"), ("static", "tab:red")):
-                for r in (r for r in sel if r["condition"] == c and r["sparsity"] == s):
-                    lo, hi = r["mean"] - (r["std"] or 0.0), r["mean"] + (r["std"] or 0.0)
-                    ax.axhspan(lo, hi, color=color, alpha=0.25)
-                    ax.axhline(r["mean"], color=color, lw=1, label=f"{LABELS[c]} ({fmt(r['mean'], r['std'])})")
-            ax.set_xlabel("epoch at which DPR stopped (E)")
-            ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"Figure 1{letter}: sparsity {s}, {epochs} epochs")
-            ax.legend(fontsize=7, loc="lower right")
-            save(fig, f"figure1{letter}{suffix}.png")
-    return written
-
-
-def report(dirs: list[Path], out_dir: Path) -> list[dict]:
-    runs = collect(dirs)
-    if not runs:
-        raise SystemExit(f"no finished runs (summary.json) in {', '.join(map(str, dirs))}")
-    rows = aggregate(runs)
-    csv_path, md_path = write_table(rows, out_dir)
-    figures = write_figures(rows, out_dir)
-    console.print(md_path.read_text())
-    console.print(f"wrote {csv_path}, {md_path}, " + ", ".join(str(p) for p in figures))
-    return rows
 
 
 # ---- throughput ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from blockdpr import figure1_short as preset
-from blockdpr import reproduce
+from blockdpr import matrix, reproduce, results
 from blockdpr.figure1_short import (PRESETS, apply_preset, cached_throughput, compare, orderings, plan_images,
                                     predict_seconds, prediction_text, throughput_key, timed_batch, write_report)
 
@@ -35,11 +35,11 @@ def parse(monkeypatch):
 def test_the_preset_plans_sparsity_09_three_seeds_of_each_condition_at_30_epochs(parse):
     opts = parse(["--preset", "figure1-short"])
     assert opts.root == Path("runs/figure1-short") and opts.results == Path("results/figure1-short")
-    runs = reproduce.plan(opts)
+    runs = matrix.plan(opts)
     assert len(runs) == len(CONDITIONS) * 3
     assert {(r.condition, r.seed) for r in runs} == {(c, s) for c in CONDITIONS for s in (0, 1, 2)}
     assert {r.sparsity for r in runs if r.condition != "dense"} == {0.9}
-    schedule = reproduce.Schedule.scaled_from_paper(30, gmp_epochs=8)
+    schedule = matrix.Schedule.scaled_from_paper(30, gmp_epochs=8)
     for r in runs:
         assert r.settings["epochs"] == (8 if r.condition == "gmp" else 30), r.out
         if r.condition == "gmp":
@@ -54,7 +54,7 @@ def test_explicit_flags_override_the_preset(parse, tmp_path, capsys):
     opts = parse(["--preset", "figure1-short", "--trials", "2", "--epochs", "10", "--root", str(tmp_path / "r")])
     assert (opts.trials, opts.epochs, opts.gmp_epochs, opts.sparsities) == (2, 10, 8, [0.9])
     assert opts.results == Path("results/r")
-    assert len(reproduce.plan(opts)) == len(CONDITIONS) * 2
+    assert len(matrix.plan(opts)) == len(CONDITIONS) * 2
     assert parse(["--trials", "2"]).sparsities == [0.9, 0.8], "no preset: the paper's defaults"
     with pytest.raises(SystemExit):
         parse(["--preset", "figure1-long"])
@@ -62,7 +62,7 @@ def test_explicit_flags_override_the_preset(parse, tmp_path, capsys):
 
 
 def test_image_count_is_the_sum_over_the_plan_and_fits_the_budget(parse):
-    runs = reproduce.plan(parse(["--preset", "figure1-short"]))
+    runs = matrix.plan(parse(["--preset", "figure1-short"]))
     images = plan_images(runs)
     assert images == sum(r.settings["epochs"] for r in runs) * 50_000
     assert predict_seconds(runs, preset.TARGET_IMAGES_PER_SECOND) <= preset.BUDGET_SECONDS
@@ -70,7 +70,7 @@ def test_image_count_is_the_sum_over_the_plan_and_fits_the_budget(parse):
 
 
 def test_predicted_time_scales_with_throughput(parse):
-    runs = reproduce.plan(parse(["--preset", "figure1-short"]))
+    runs = matrix.plan(parse(["--preset", "figure1-short"]))
     slow, fast = predict_seconds(runs, 1_000), predict_seconds(runs, 4_000)
     assert slow == pytest.approx(4 * fast) and slow == pytest.approx(plan_images(runs) / 1_000)
     with pytest.raises(ValueError, match="images_per_second must be positive"):
@@ -102,7 +102,7 @@ def test_throughput_is_measured_once_then_read_from_the_cache(parse, tmp_path, t
 
 def test_dry_run_text_predicts_from_the_measured_throughput(parse, tmp_path):
     opts = parse(["--preset", "figure1-short", "--root", str(tmp_path), "--device", "cpu"])
-    runs = reproduce.plan(opts)
+    runs = matrix.plan(opts)
     key = throughput_key(opts, 3, timed_batch(opts))
     measured = {"images_per_second": 2_000.0, "trials": 3, "batch_size": 8, "steps": 2, "seconds": 0.024,
                 "device": "test CPU", "key": key, "measured_utc": "2026-11-28T00:00:00+00:00"}
@@ -158,7 +158,7 @@ def test_report_writes_the_table_figure_published_values_and_orderings(tmp_path)
                      final_test_acc=acc + 0.001 * seed, **extra)
         fake_run(root, f"dense-seed{seed}", mode="dense", sparsity=0.0, seed=seed, final_test_acc=0.94)
     out = tmp_path / "results"
-    path = write_report(reproduce.aggregate(reproduce.collect([root])), out)
+    path = write_report(results.aggregate(results.collect([root])), out)
     text = path.read_text()
     assert path == out / "figure1-short.md"
     assert "| DPR | 0.9 | 29 | 30 | 92.10 +- 0.10 | 3 | 93.59 +- 0.17 |" in text

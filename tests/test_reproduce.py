@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from blockdpr import reproduce
-from blockdpr.reproduce import Run, Schedule, aggregate, collect, fork_stop_run, main, parse_args, plan
+from blockdpr.matrix import Run, Schedule, plan
+from blockdpr.reproduce import fork_stop_run, main, parse_args
+from blockdpr.results import aggregate, collect
 from blockdpr.train import main as train_main
 
 from tiny import TINY, assert_runs_match
