@@ -6,8 +6,9 @@ in it is typed by hand.
 
 The table goes between ``<!-- gpu-results:start -->`` and ``<!-- gpu-results:end -->``. It holds
 the device and versions, the targets (throughput --quick), the training steps, the per-kernel
-breakdown, the concurrent-trials throughput and each session step's wall time and exit status,
-read from ``throughput-*.json``, ``breakdown.json``, ``stacked.json`` and ``summary.json``.
+breakdown, the training loop's speed (bench/train_speed.py: dense and DPR, stacked trials, issue 15's
+targets) and each session step's wall time and exit status, read from ``throughput-*.json``,
+``breakdown.json``, ``train-speed.json`` and ``summary.json``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/readme.py`: the repository root makes `bench` importable
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from bench import train_speed
 from bench.report import fmt_x, targets
 from blockdpr.runinfo import atomic_write_text
 
@@ -45,7 +47,7 @@ def results_markdown(results: Path, root: Path = ROOT) -> str:
     summary = _load(results / "summary.json") or {}
     runs = _throughput(results)
     breakdown = _load(results / "breakdown.json")
-    stacked = _load(results / "stacked.json")
+    speed = _load(results / "train-speed.json")
     prov = summary.get("provenance") or (runs[0]["provenance"] if runs else None) or {}
     dev, ver = prov.get("device", {}), prov.get("versions", {})
     try:
@@ -92,11 +94,9 @@ def results_markdown(results: Path, root: Path = ROOT) -> str:
             cells += [r["op_ms"]["median_ms"], r["op_host_ms"]]
             lines.append(f"| {case} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
         lines.append("")
-    if stacked:
-        lines += ["| trials per process | aggregate img/s | per trial img/s |", "| --- | --- | --- |"]
-        lines += [f"| {r['trials']} | {r['aggregate_images_per_s']:.0f} | {r['per_trial_images_per_s']:.0f} |"
-                  for r in stacked]
-        lines.append("")
+    if speed:
+        lines += ["Training loop (`python -m bench.train_speed`, WRN-{depth}-{width}, batch {batch_size} per trial):"
+                  .format(**speed["meta"]), "", train_speed.markdown(speed["rows"], speed["meta"], heading=False)]
     if summary.get("steps"):
         lines += ["| step | wall s | exit | limit s |", "| --- | --- | --- | --- |"]
         lines += [f"| {s['name']} | {s['wall_s']:.1f} | {s['status']} | {s['timeout_s']} |" for s in summary["steps"]]

@@ -1,6 +1,7 @@
 """What ``bash bench/gpu_session.sh`` runs: one bounded session on a lent GPU.
 
-    bash bench/gpu_session.sh                   # CUDA: every step below, <= 8 minutes from a cold Triton cache
+    bash bench/gpu_session.sh                   # CUDA: every step below, < 9 minutes from a cold Triton cache
+    bash bench/gpu_session.sh --steps train-speed,breakdown   # only these steps
     bash bench/gpu_session.sh --out DIR         # results elsewhere (default bench/results/<gpu>-<date>)
     bash bench/gpu_session.sh --list            # the steps and their time limits; run nothing
 
@@ -15,13 +16,14 @@ budget. Its output goes to ``DIR/logs/<step>.log``. On CUDA:
   train-wrn-28-2    training steps dense / element / block 32, WRN-28-2, batch 100
   train-wrn-28-10   the same for WRN-28-10, batch 128
   breakdown         python -m bench.breakdown (per-kernel times of the target shapes, profiler)
-  stacked           python -m blockdpr.reproduce --benchmark --bench-trials 1,8,32 --bench-images 5000
+  train-speed       python -m bench.train_speed: the training loop's img/s, dense and DPR, 1-32 stacked
+                    trials, fp32 and bf16, as CUDA graphs (issue 15's targets)
   readme            the README's results table regenerated from the JSON (bench/readme.py)
 
 The throughput and breakdown steps load the tuned kernel configs of bench/results/autotune/<gpu>.json
 before timing and save them after (bench/autotune_cache.py), so the next session on the same kind
 of GPU starts tuned. Without a GPU the same command runs the CPU smoke parts (tiny shapes, kernels
-under the Triton interpreter, a WRN-10-1 concurrent-trials run; no kernel tests, README untouched:
+under the Triton interpreter, a WRN-10-1 training-loop run; no kernel tests, README untouched:
 its table goes to DIR/readme-table.md) in under two minutes, and says so. ``DIR/summary.json``
 lists each step's command, limit, wall time, exit status and the files it wrote; it is rewritten
 after every step.
@@ -42,13 +44,13 @@ if __package__ in (None, ""):  # `python bench/session.py`: the repository root 
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from bench import autotune_cache, readme
-from blockdpr.cli import RawHelpFormatter
+from blockdpr.cli import RawHelpFormatter, add_list_argument
 from blockdpr.runinfo import atomic_write_json, atomic_write_text, provenance, slug
 
 __all__ = ["Step", "gpu_steps", "cpu_steps", "run_step", "run_session", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
-GPU_BUDGET_S = 470  # the steps' limits below add up to this: <= 8 minutes with start-up
+GPU_BUDGET_S = 510  # the steps' limits below add up to this: < 9 minutes with start-up
 CPU_BUDGET_S = 110
 
 
@@ -68,14 +70,13 @@ def gpu_steps() -> list[Step]:
     return [
         Step("kernel-tests", py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.narrow_autotune",
                                    "--maxfail", "5", "tests/kernels", "--junitxml", "{out}/kernel-tests.xml"], 70),
-        Step("throughput-quick", tp + ["layers", "--quick", "--tag", "quick"], 150),
+        Step("throughput-quick", tp + ["layers", "--quick", "--tag", "quick"], 130),
         Step("train-wrn-28-2", tp + ["training", "--train-models", "wrn-28-2", "--train-batches", "100",
-                                     "--blocks", "32", "--tag", "train-wrn-28-2"], 60),
+                                     "--blocks", "32", "--tag", "train-wrn-28-2"], 50),
         Step("train-wrn-28-10", tp + ["training", "--train-models", "wrn-28-10", "--train-batches", "128",
-                                      "--blocks", "32", "--tag", "train-wrn-28-10"], 80),
+                                      "--blocks", "32", "--tag", "train-wrn-28-10"], 60),
         Step("breakdown", py + ["-m", "bench.breakdown", "--out", "{out}"], 50),
-        Step("stacked", py + ["-m", "blockdpr.reproduce", "--benchmark", "--bench-trials", "1,8,32",
-                              "--bench-images", "5000", "--bench-out", "{out}/stacked.json"], 60),
+        Step("train-speed", py + ["-m", "bench.train_speed", "--out", "{out}/train-speed.json"], 150),
     ]
 
 
@@ -88,9 +89,8 @@ def cpu_steps() -> list[Step]:
         Step("train-smoke", tp + ["training", "--blocks", "16", "--tag", "train"], 30),
         Step("breakdown-smoke", py + ["-m", "bench.breakdown", "--smoke", "--out", "{out}"], 30,
              env={"TRITON_INTERPRET": "1"}),
-        Step("stacked-smoke", py + ["-m", "blockdpr.reproduce", "--benchmark", "--bench-trials", "1,2",
-                                    "--bench-images", "20", "--bench-epochs", "1", "--depth", "10", "--width", "1",
-                                    "--bench-out", "{out}/stacked.json"], 40),
+        Step("train-speed-smoke", py + ["-m", "bench.train_speed", "--smoke", "--cpu-reps", "1",
+                                        "--out", "{out}/train-speed.json"], 40),
     ]
 
 
@@ -184,19 +184,26 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds for all steps (default {GPU_BUDGET_S} on CUDA, {CPU_BUDGET_S} without)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose table is regenerated")
     parser.add_argument("--list", action="store_true", help="print the steps and their limits; run nothing")
+    add_list_argument(parser, "--steps", default=None, help="run only these steps (names as --list prints them)")
     args = parser.parse_args(argv)
     import torch
 
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name() if cuda else None
     steps = gpu_steps() if cuda else cpu_steps()
+    if args.steps:
+        unknown = sorted(set(args.steps) - {s.name for s in steps})
+        if unknown:
+            parser.error(f"--steps: no step named {', '.join(unknown)} on this machine; "
+                         f"its steps: {', '.join(s.name for s in steps)}")
+        steps = [s for s in steps if s.name in args.steps]
     if args.list:
         for title, listed in (("on CUDA", gpu_steps()), ("without a GPU (CPU smoke)", cpu_steps())):
             print(f"{title}:" + (" <- this machine" if listed[0].name == steps[0].name else ""))
             for s in listed:
                 print(f"  {s.name:18s} limit {s.timeout_s:4d} s  {' '.join(s.argv)}")
         return 0
-    budget = args.budget_s or (GPU_BUDGET_S if cuda else CPU_BUDGET_S)
+    budget = args.budget_s or min(sum(s.timeout_s for s in steps), GPU_BUDGET_S if cuda else CPU_BUDGET_S)
     summary = run_session(args.out or default_out(gpu), cuda, gpu, steps, budget, args.readme)
     return 0 if all(s["status"] == "ok" for s in summary["steps"]) else 1
 

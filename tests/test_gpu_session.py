@@ -47,7 +47,7 @@ def test_cpu_session_runs_the_smoke_steps_and_says_so(smoke_session):
         assert step["files"] and Path(step["log"]).is_file()
     written = {Path(f).name for s in summary["steps"] for f in s["files"]}
     assert {"throughput-smoke-quick.json", "throughput-smoke-train.json", "breakdown.json", "breakdown.md",
-            "stacked.json"} <= written
+            "train-speed.json", "train-speed.md"} <= written
     layers = json.loads((out / "throughput-smoke-quick.json").read_text())["layers"]
     assert layers and all(r["check"] == "ok" for r in layers if r["impl"] == "block")
     breakdown = json.loads((out / "breakdown.json").read_text())
@@ -70,8 +70,9 @@ def test_readme_regeneration_on_the_smoke_json(smoke_session, tmp_path):
     assert "SMOKE RUN WITHOUT A GPU" in table
     for step in json.loads((out / "summary.json").read_text())["steps"]:
         assert f"| {step['name']} | {step['wall_s']:.1f} | ok |" in table
-    stacked = json.loads((out / "stacked.json").read_text())
-    assert f"| {stacked[0]['trials']} | {stacked[0]['aggregate_images_per_s']:.0f} |" in table
+    speed = json.loads((out / "train-speed.json").read_text())["rows"]
+    assert speed and all(f"| {r['mode']} | {r['trials']} | fp32 | eager | {r['step_ms']:.2f} |" in table for r in speed)
+    assert "| DPR, 1 trial, fp32 (img/s) |" in table
     assert readme.update_readme(copy, out) == text  # idempotent
     with pytest.raises(ValueError, match="gpu-results"):
         readme.replace_between_markers("no markers here", table)
@@ -104,3 +105,16 @@ def test_a_gpu_session_regenerates_the_readme_table(tmp_path):
     table = copy.read_text().split(readme.START)[1].split(readme.END)[0]
     assert "SMOKE" not in table and "| hello |" in table
     assert "x cuDNN at 90% | >= 6.00 | 6.50 | yes |" in table
+
+
+def test_steps_selects_steps_by_name_and_refuses_unknown_ones(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(session, "run_session", lambda out, cuda, gpu, steps, budget, readme_path: ran.append(
+        ([s.name for s in steps], budget)) or {"steps": []})
+    assert session.main(["--steps", "train-speed-smoke,breakdown-smoke", "--out", str(tmp_path)]) == 0
+    limits = {s.name: s.timeout_s for s in session.cpu_steps()}
+    assert ran == [(["breakdown-smoke", "train-speed-smoke"],  # in session order, with the sum of their limits
+                    limits["breakdown-smoke"] + limits["train-speed-smoke"])]
+    with pytest.raises(SystemExit) as e:
+        session.main(["--steps", "train-speed"])  # a GPU step: not on this machine
+    assert e.value.code == 2 and "no step named train-speed" in capsys.readouterr().err
