@@ -30,8 +30,9 @@ MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
 GMP_EPOCHS = 48
 GMP_LR_SCHEDULE = ((0, 0.0), (1, 0.02), (25, 0.004), (35, 0.0008))
 PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
-# Settings that may differ between the trials trained together in one process.
-PER_TRIAL = ("seed", "out", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch")
+# Settings that may differ between the trials trained together in one process (mode: any but gmp,
+# whose pruning schedule belongs to the process, so gmp trials train with gmp trials only).
+PER_TRIAL = ("seed", "out", "mode", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch")
 # Settings of a process, not of the run: a resumed run may change them.
 PROCESS_SETTINGS = ("out", "resume", "overwrite", "device", "compile", "channels_last", "cuda_graph", "no_progress",
                     "progress_seconds", "checkpoint_every", "checkpoint_minutes", "snapshot_epochs", "stop_after",
@@ -278,16 +279,23 @@ def resume_config(saved: RunConfig, given: RunConfig, keys: set[str]) -> RunConf
     return dataclasses.replace(saved, **process)
 
 
+def group_settings(config: RunConfig) -> dict:
+    """The settings that trials trained together in one process must share: all but PER_TRIAL (and
+    resume), plus whether the mode is gmp."""
+    skip = set(PER_TRIAL) | {"resume"}
+    return {"gmp": config.mode == "gmp", **{f.name: getattr(config, f.name) for f in fields(RunConfig) if f.name not in skip}}
+
+
 def check_trials(configs: list[RunConfig]) -> RunConfig:
     """The settings shared by trials trained together (they may differ only in PER_TRIAL); returns the first."""
     if not configs:
         raise ValueError("no trials to train")
-    skip = set(PER_TRIAL) | {"resume"}
-    first = {f.name: getattr(configs[0], f.name) for f in fields(RunConfig) if f.name not in skip}
+    first = group_settings(configs[0])
     for c in configs[1:]:
-        different = [k for k, v in first.items() if getattr(c, k) != v]
+        different = [k for k, v in group_settings(c).items() if first[k] != v]
         if different:
-            raise ConfigError([f"trials trained together must share all settings but {PER_TRIAL}; these differ: {different}"])
+            raise ConfigError([f"trials trained together must share all settings but {PER_TRIAL} (gmp trains "
+                               f"with gmp only); these differ: {different}"])
     outs = [c.out for c in configs]
     if len(set(outs)) != len(outs):
         raise ConfigError([f"each trial needs its own run directory, got {[str(o) for o in outs]}"])

@@ -9,7 +9,7 @@ results/figure1-short/. A preset only sets defaults: every flag given on the com
 - `apply_preset(parser, argv)`: sets the defaults of the preset named by `--preset NAME` in argv.
 - `predict_seconds(runs, images_per_second)`: training time of a plan at a throughput.
 - `measure_throughput(opts)`: aggregate training images/s of this machine, timed on the real
-  training step (blockdpr.loop.Trainer) of the plan's first DPR trials stacked in one process;
+  training step (blockdpr.loop.Trainer) of the plan's first process (its trials stacked);
   `cached_throughput(opts)` keeps it in <root>/throughput.json, keyed by device and step settings,
   so a second dry run is instant. `prediction_text(runs, opts)` is what the dry run prints.
 - `write_report(rows, out_dir)`: figure1-short.md (table, Figure 1a, published values, orderings).
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import matrix, results
+from .config import group_settings
 from .runinfo import atomic_write_json, atomic_write_text, device_info, git_info
 from .setup import resolve_device
 
@@ -101,14 +102,15 @@ def duration(seconds: float) -> str:
 
 # ---- measured throughput --------------------------------------------------------------------
 def _timed_trials(opts: argparse.Namespace, trials: int | None) -> list[matrix.Run]:
-    """The runs whose step is timed: the plan's first DPR runs without dependencies (else those of its
-    first mode), as many as one process trains together (at most `trials`)."""
+    """The runs whose step is timed: the plan's first process as reproduce packs it from new runs (those
+    sharing the first run's group settings; for the preset DPR, static and dense: 9 trials), at most
+    `trials` of them."""
     free = [r for r in matrix.plan(opts) if not r.depends]
     if not free:
         raise ValueError("the plan has no run without dependencies to time")
-    mode = "dpr" if any(r.condition == "dpr" for r in free) else free[0].condition
-    limit = min(opts.trials_per_process, trials or opts.trials_per_process)
-    return [r for r in free if r.condition == mode][:limit]
+    first = group_settings(matrix.trial_config(free[0], opts))
+    together = [r for r in free if group_settings(matrix.trial_config(r, opts)) == first]
+    return together[:min(opts.trials_per_process, trials or opts.trials_per_process)]
 
 
 def _step_configs(opts: argparse.Namespace, runs: list[matrix.Run], tmp: Path, images: int, batch: int):
@@ -146,10 +148,10 @@ def throughput_key(opts: argparse.Namespace, trials: int, batch: int) -> str:
 
 def measure_throughput(opts: argparse.Namespace, trials: int | None = None, steps: int | None = None,
                        warmup: int | None = None) -> dict:
-    """Aggregate training images/s of the plan's DPR trials stacked in one process, on opts.device.
+    """Aggregate training images/s of the plan's first process (its trials stacked), on opts.device.
 
     Builds the real trainer (blockdpr.loop.Trainer: data, stacked model, sparsity, optimizer) for
-    up to `trials` of the plan's first DPR runs in a temporary directory, runs `warmup` steps, then
+    up to `trials` of the plan's first process's runs in a temporary directory, runs `warmup` steps, then
     times `steps` steps (defaults: TIMED_STEPS by device type). On a CPU the per-trial batch is at
     most CPU_BATCH. Training steps only: no reallocation falls in so few steps, no evaluation.
     Returns {"images_per_second", "trials", "batch_size", "steps", "seconds", "device", "key",
@@ -220,7 +222,7 @@ def prediction_text(runs: list[matrix.Run], opts: argparse.Namespace) -> str:
         f"({'within' if target <= BUDGET_SECONDS else 'over'} the {BUDGET_SECONDS // 60}-minute budget)",
         f"predicted training time on this machine: {duration(images / ips)} at {rate} img/s "
         f"aggregate, measured {'earlier (cached in ' + str(opts.root / 'throughput.json') + ')' if cached else 'now'} "
-        f"on {measured['device']}: {measured['trials']} stacked DPR trials x batch {measured['batch_size']}, "
+        f"on {measured['device']}: {measured['trials']} stacked trials x batch {measured['batch_size']}, "
         f"{measured['steps']} training steps",
         f"(training steps only: the evaluation of {run_epochs * (opts.test_subset or CIFAR10_TEST_IMAGES):,} test "
         "images (forward only), reallocations and process start-ups are not counted)",

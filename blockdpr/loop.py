@@ -1,7 +1,7 @@
 """The training loop as named parts: setup (Trainer()), one step, end of epoch, finish.
 
-`Trainer(configs).run()` trains T >= 1 trials of one configuration together (one stacked model,
-blockdpr/stacked.py; T = 1 is an ordinary run) and returns their summaries, or Nones when
+`Trainer(configs).run()` trains T >= 1 trials together (one stacked model, blockdpr/stacked.py;
+T = 1 is an ordinary run; they share every setting but config.PER_TRIAL: seed, mode, sparsity...) and returns their summaries, or Nones when
 --stop-after stopped it (checkpointed). All randomness is a function of (seed, epoch or step), so
 a run resumed from any checkpoint continues exactly as if it had never stopped.
 
@@ -105,7 +105,7 @@ def restore_best(out, state: RunState) -> None:
 
 
 class Trainer:
-    """T trials of one configuration trained together; construct (setup), then run()."""
+    """T trials trained together (one schedule; see config.check_trials); construct (setup), then run()."""
 
     # ---- setup ----------------------------------------------------------------------------
     def __init__(self, configs: list[RunConfig]):

@@ -5,9 +5,9 @@ init (reinit), ... with its original init (orig-init), a static random structure
 after E epochs for several E, the compressed baseline (gmp: a trained dense model pruned
 gradually, Zhu & Gupta); and the dense reference), runs what is missing, skips what is done and
 resumes what was interrupted (each run is a run directory of blockdpr.train), in dependency
-order (reinit / orig-init after their DPR run, gmp after its dense run). Trials of one mode that
-are at the same point are trained together in one process (--trials-per-process), as one
-stacked model (blockdpr/stacked.py). Then it aggregates the run directories into a table
+order (reinit / orig-init after their DPR run, gmp after its dense run). Runs on the same
+schedule that are at the same point are trained together in one process (--trials-per-process),
+as one stacked model (blockdpr/stacked.py), whatever their condition (gmp only with gmp runs). Then it aggregates the run directories into a table
 (mean +- std over trials, n) and the figures (--results).
 
 Trial k of every condition uses seed k (--first-seed + k): DPR, its stopped variants, static
@@ -41,7 +41,7 @@ from . import train as train_lib
 from .checkpoint import CheckpointError
 from .cli import HelpFormatter, add_list_argument, escape
 from .config import ConfigError, RunConfig
-from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, plan, progress_key,
+from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, jobs, plan,
                      run_epochs, shared_settings, trial_config)
 from .results import console, report
 from .run_dir import saved_config
@@ -62,15 +62,6 @@ def check_existing(run: Run, args: RunConfig) -> None:
         raise SystemExit(f"{run.out} holds a run with other settings ({'; '.join(different)}): "
                          "use another --root, or remove that directory")
 
-
-
-def jobs(pending: list[Run], per_process: int) -> list[list[Run]]:
-    """Group runs that can train together: same mode, same progress; at most per_process each.
-    (Sparsity and DPR stop epoch may differ between the trials of one process.)"""
-    groups: dict[tuple, list[Run]] = {}
-    for run in pending:
-        groups.setdefault((run.mode, progress_key(run)), []).append(run)
-    return [g[i:i + per_process] for g in groups.values() for i in range(0, len(g), per_process)]
 
 
 def fork_stop_run(run: Run) -> bool:
@@ -129,7 +120,7 @@ def execute(opts: argparse.Namespace) -> bool:
             if all((d / "summary.json").is_file() for d in run.depends) and fork_stop_run(run):
                 console.print(f"{run.out.name}: continues {run.depends[0].name} from epoch {run.stop_epoch}")
         pending = [r for r in wave if r.status() != "done"]
-        for job in jobs(pending, opts.trials_per_process):
+        for job in jobs(pending, opts.trials_per_process, opts):
             blocked = [d for r in job for d in r.depends if not (d / "summary.json").is_file()]
             if blocked:
                 console.print(f"[yellow]skipped[/yellow] {', '.join(r.out.name for r in job)}: waiting for "
@@ -239,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=int, default=None, metavar="N", help="smoke runs: first N test images")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (the paper trains in fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile each process's model")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture each process's training step and evaluation as CUDA graphs (CUDA only; not with --compile)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--train-args", type=shlex.split, default=[], metavar="'FLAGS'",
                    help="more blockdpr.train flags for every run, after the planned ones (so they override them), "

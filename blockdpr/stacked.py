@@ -1,7 +1,7 @@
-"""Several trials of one configuration trained together in one process: a stacked WRN.
+"""Several trials trained together in one process: a stacked WRN.
 
-WRN-28-2 is far too small to fill a large GPU, so the trials of one condition (same mode,
-sparsity and schedule, different seeds) are trained as one model: T copies of WRN-d-k placed
+WRN-28-2 is far too small to fill a large GPU, so trials on the same schedule (different seeds,
+and possibly different modes and sparsities: their masks are per trial) are trained as one model: T copies of WRN-d-k placed
 side by side along the channel axis.
 
 - every conv becomes a grouped conv with groups=T: weight [T * C_out, C_in, kh, kw], and

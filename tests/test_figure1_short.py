@@ -7,7 +7,7 @@ import pytest
 
 from blockdpr import figure1_short as preset
 from blockdpr import matrix, reproduce, results
-from blockdpr.figure1_short import (PRESETS, apply_preset, cached_throughput, compare, orderings, plan_images,
+from blockdpr.figure1_short import (PRESETS, cached_throughput, compare, orderings, plan_images,
                                     predict_seconds, prediction_text, throughput_key, timed_batch, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -15,21 +15,9 @@ CONDITIONS = {"dpr", "reinit", "orig-init", "static", "dense", "gmp"}
 
 
 @pytest.fixture
-def parse(monkeypatch):
-    """reproduce.parse_args with --preset. Until reproduce.py calls add_preset_argument / apply_preset
-    itself (the patch in the report), its parser gets them here; afterwards this adds nothing."""
-    build = reproduce.build_parser
-
-    def parse_args(argv):
-        def build_parser():
-            parser = build()
-            if "--preset" not in parser._option_string_actions:
-                preset.add_preset_argument(parser)
-                apply_preset(parser, argv)
-            return parser
-        monkeypatch.setattr(reproduce, "build_parser", build_parser)
-        return reproduce.parse_args(argv)
-    return parse_args
+def parse():
+    """reproduce.parse_args (which applies --preset)."""
+    return reproduce.parse_args
 
 
 def test_the_preset_plans_sparsity_09_three_seeds_of_each_condition_at_30_epochs(parse):
@@ -48,6 +36,17 @@ def test_the_preset_plans_sparsity_09_three_seeds_of_each_condition_at_30_epochs
             assert r.settings["lr_milestones"] == schedule.milestones
     assert all(r.settings.get("dpr_stop_epoch") == schedule.dpr_stop for r in runs if r.condition == "dpr")
     assert not any("snapshot_epochs" in r.settings for r in runs), "no stop-epoch sweep"
+
+
+def test_runs_on_one_schedule_train_together_whatever_their_condition(parse, tmp_path):
+    """The preset's first wave (DPR, static, dense: 30 epochs each) is one process of 9 stacked trials;
+    in the second, reinit and orig-init train together and gmp (its own schedule) apart."""
+    opts = parse(["--preset", "figure1-short", "--root", str(tmp_path / "r")])
+    runs = matrix.plan(opts)
+    waves = [[r for r in runs if not r.depends], [r for r in runs if r.depends]]
+    groups = [sorted({r.condition for r in job}) for wave in waves for job in matrix.jobs(wave, 10, opts)]
+    assert groups == [["dense", "dpr", "static"], ["orig-init", "reinit"], ["gmp"]]
+    assert [len(job) for job in matrix.jobs(waves[0], 4, opts)] == [4, 4, 1]
 
 
 def test_explicit_flags_override_the_preset(parse, tmp_path, capsys):
@@ -82,9 +81,10 @@ def test_throughput_is_measured_once_then_read_from_the_cache(parse, tmp_path, t
             "--depth", "10", "--width", "1", "--device", "cpu"]
     opts = parse(argv)
     first, cached = cached_throughput(opts)
-    assert not cached and first["images_per_second"] > 0 and first["trials"] == 3
+    assert not cached and first["images_per_second"] > 0
+    assert first["trials"] == 9, "the preset's first process: DPR, static and dense, 3 trials each"
     assert first["batch_size"] == timed_batch(opts) == preset.CPU_BATCH
-    assert first["images_per_second"] == pytest.approx(3 * first["batch_size"] * first["steps"] / first["seconds"])
+    assert first["images_per_second"] == pytest.approx(9 * first["batch_size"] * first["steps"] / first["seconds"])
 
     def must_not_measure(*args, **kwargs):
         raise AssertionError("measured again although cached")
@@ -92,19 +92,19 @@ def test_throughput_is_measured_once_then_read_from_the_cache(parse, tmp_path, t
     again, cached = cached_throughput(opts)
     assert cached and again == first
     stored = json.loads((opts.root / "throughput.json").read_text())
-    assert list(stored) == [throughput_key(opts, 3, preset.CPU_BATCH)]
+    assert list(stored) == [throughput_key(opts, 9, preset.CPU_BATCH)]
     (opts.root / "throughput.json").write_text("{garbled")  # a torn cache is measured again
     monkeypatch.setattr(preset, "measure_throughput", lambda opts, trials=None: {**first, "images_per_second": 1.0})
     assert cached_throughput(opts) == ({**first, "images_per_second": 1.0}, False)
     # other step settings are another measurement
-    assert throughput_key(parse([*argv, "--amp"]), 3, preset.CPU_BATCH) != list(stored)[0]
+    assert throughput_key(parse([*argv, "--amp"]), 9, preset.CPU_BATCH) != list(stored)[0]
 
 
 def test_dry_run_text_predicts_from_the_measured_throughput(parse, tmp_path):
     opts = parse(["--preset", "figure1-short", "--root", str(tmp_path), "--device", "cpu"])
     runs = matrix.plan(opts)
-    key = throughput_key(opts, 3, timed_batch(opts))
-    measured = {"images_per_second": 2_000.0, "trials": 3, "batch_size": 8, "steps": 2, "seconds": 0.024,
+    key = throughput_key(opts, 9, timed_batch(opts))
+    measured = {"images_per_second": 2_000.0, "trials": 9, "batch_size": 8, "steps": 2, "seconds": 0.024,
                 "device": "test CPU", "key": key, "measured_utc": "2026-11-28T00:00:00+00:00"}
     (tmp_path / "throughput.json").write_text(json.dumps({key: measured}))
     text = prediction_text(runs, opts)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from blockdpr import reproduce
-from blockdpr.matrix import Run, Schedule, plan
+from blockdpr.config import ConfigError
+from blockdpr.matrix import Run, Schedule, plan, trial_config
 from blockdpr.reproduce import fork_stop_run, main, parse_args
 from blockdpr.results import aggregate, collect
 from blockdpr.train import main as train_main
@@ -111,19 +112,20 @@ def test_end_to_end_tiny_matrix_skips_and_resumes(tmp_path, tiny_cifar, monkeypa
     real = reproduce.train_lib.train_trials
     monkeypatch.setattr(reproduce.train_lib, "train_trials", lambda trials: calls.append(trials) or real(trials))
 
-    # 1. Cut short: the first process (the dense trials) stops mid-run, checkpointed.
+    # 1. Cut short: the first process (dense and static: one schedule, no snapshots) stops mid-run, checkpointed.
+    first = ["dense-seed0", "dense-seed1", "static-s0.9-seed0", "static-s0.9-seed1"]
     assert main([*argv, "--time-limit", "0.01"]) == 3
-    assert [[a.out.name for a in c] for c in calls] == [["dense-seed0", "dense-seed1"]]
+    assert [[a.out.name for a in c] for c in calls] == [first]
     assert (root / "dense-seed0" / "last.pt").is_file() and not (root / "dense-seed0" / "summary.json").exists()
 
-    # 2. Again: resumes the dense runs, runs everything else in dependency order, writes table and figures.
+    # 2. Again: resumes those runs, runs everything else in dependency order, writes table and figures.
     calls.clear()
     assert main(argv) == 0
     groups = [sorted(a.out.name for a in c) for c in calls]
-    assert groups[0] == ["dense-seed0", "dense-seed1"] and all(a.resume for a in calls[0])
-    assert groups[1:3] == [["dpr-s0.9-seed0", "dpr-s0.9-seed1"], ["static-s0.9-seed0", "static-s0.9-seed1"]]
-    assert sorted(groups[3:]) == [["dpr-stop1-s0.9-seed0", "dpr-stop1-s0.9-seed1"], ["gmp-s0.9-seed0", "gmp-s0.9-seed1"],
-                                  ["orig-init-s0.9-seed0", "orig-init-s0.9-seed1"], ["reinit-s0.9-seed0", "reinit-s0.9-seed1"]]
+    assert groups[0] == first and all(a.resume for a in calls[0])
+    assert groups[1] == ["dpr-s0.9-seed0", "dpr-s0.9-seed1"]  # apart: DPR keeps epoch snapshots for the forks
+    assert sorted(groups[2:]) == [["dpr-stop1-s0.9-seed0", "dpr-stop1-s0.9-seed1"], ["gmp-s0.9-seed0", "gmp-s0.9-seed1"],
+                                  ["orig-init-s0.9-seed0", "orig-init-s0.9-seed1", "reinit-s0.9-seed0", "reinit-s0.9-seed1"]]
     forked = json.loads((root / "dpr-stop1-s0.9-seed0" / "config.json").read_text())
     assert forked["forked_from"].endswith("epoch1.pt") and forked["dpr_stop_epoch"] == 1
     rows = [json.loads(x) for x in (root / "dense-seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -224,3 +226,11 @@ def test_help_shows_each_default_once():
     assert len(entries) > 15
     for entry in entries:
         assert entry.lower().count("(default") <= 1, entry
+
+
+def test_training_flags_reach_every_run(tmp_path):
+    opts = parse_args(["--root", str(tmp_path), "--amp", "--device", "cpu"])
+    assert all(trial_config(run, opts).amp for run in plan(opts))
+    opts = parse_args(["--root", str(tmp_path), "--cuda-graph", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA device"):  # passed on, and refused on a CPU
+        trial_config(plan(opts)[0], opts)

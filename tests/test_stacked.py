@@ -77,11 +77,13 @@ def test_stacked_trials_equal_separate_runs_with_reallocations(tmp_path, tiny_ci
     assert metric_rows(tmp_path / "group-seed0") != metric_rows(tmp_path / "group-seed1"), "trials must differ"
 
 
-def test_trials_of_one_process_may_differ_in_sparsity_and_stop_epoch(tmp_path, tiny_cifar, float64):
-    """As blockdpr.reproduce packs them: DPR trials with their own sparsity and DPR stop epoch."""
+def test_trials_of_one_process_may_differ_in_mode_sparsity_and_stop_epoch(tmp_path, tiny_cifar, float64):
+    """As blockdpr.reproduce packs them: DPR trials with their own sparsity and DPR stop epoch, a
+    static and a dense trial in the same process; each ends as it would alone."""
     flags = [*TINY, "--data", str(tiny_cifar), "--train-subset", "60", "--test-subset", "20", "--epochs", "2",
              "--realloc-periods", "0:1", "--target-pruned", "300"]
-    own = [["--seed", "0", "--sparsity", "0.8", "--dpr-stop-epoch", "1"], ["--seed", "3", "--sparsity", "0.9"]]
+    own = [["--seed", "0", "--sparsity", "0.8", "--dpr-stop-epoch", "1"], ["--seed", "3", "--sparsity", "0.9"],
+           ["--seed", "1", "--mode", "static"], ["--seed", "0", "--mode", "dense"]]
     trials = [parse_configs([*flags, *f, "--out", str(tmp_path / f"group{i}")])[0] for i, f in enumerate(own)]
     train_trials(trials)
     for i, f in enumerate(own):
@@ -89,9 +91,14 @@ def test_trials_of_one_process_may_differ_in_sparsity_and_stop_epoch(tmp_path, t
         assert_runs_match(tmp_path / f"group{i}", tmp_path / f"alone{i}")
     assert [r["weights_moved"] > 0 for r in metric_rows(tmp_path / "group0")] == [True, False]
     assert all(r["weights_moved"] > 0 for r in metric_rows(tmp_path / "group1"))
+    assert metric_rows(tmp_path / "group2")[-1]["weights_moved"] == 0 and metric_rows(tmp_path / "group3")[-1]["density"] is None
     mismatched = parse_configs([*flags, "--seed", "1", "--lr", "0.05", "--out", str(tmp_path / "x")])
     with pytest.raises(ConfigError, match="these differ"):
         train_trials([trials[0], *mismatched])
+    gmp = parse_configs([*flags, "--seed", "1", "--mode", "gmp", "--dense-from", str(tmp_path / "alone3"),
+                         "--gmp-steps", "1", "--gmp-interval", "1", "--out", str(tmp_path / "gmp")])
+    with pytest.raises(ConfigError, match=r"gmp only\); these differ: \['gmp'"):
+        train_trials([trials[3], *gmp])
 
 
 def test_stacked_gmp_and_stop_then_resume(tmp_path, tiny_cifar, float64):
