@@ -1,11 +1,14 @@
 """Element-mode masks: the structure of the WRN and the zero invariants through SGD."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from blockdpr.models import WideResNet, parameter_counts, sparse_parameters
 from blockdpr.sparsity import DPRConfig, ElementSparsity, Reallocator, initial_keep_count
+from blockdpr_kernels.testing import record_work
 
 
 def test_wrn_28_2_sparse_tensors_match_the_dsr_code():
@@ -124,3 +127,23 @@ def test_mask_state_dict_round_trip_and_validation():
         b.load_state_dict(bad)
     with pytest.raises(ValueError, match="sparsity must be in"):
         ElementSparsity.random(params, 1.0, seed=0)
+
+
+def test_a_reallocation_is_vectorised_over_tensors():
+    """What a reallocation makes the device do does not grow with the number of sparse tensors (no
+    Python loop over tensors issues device work), and it waits for the device once."""
+    work = {}
+    for depth in (10, 28):  # 6 and 24 sparse tensors
+        torch.manual_seed(0)
+        model = WideResNet(depth, 1)
+        sparsity = ElementSparsity.random(sparse_parameters(model), 0.9, seed=0)
+        sparsity.apply_()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()  # momentum buffers exist: their pruned entries are zeroed too
+        reallocator = Reallocator(sparsity.segments.sizes, DPRConfig(50, 0.1, 0.05), seed=0)
+        with record_work() as work[depth]:
+            assert sparsity.reallocate(reallocator, 1, optimizer).pruned > 0
+        assert work[depth].syncs == collections.Counter({"numpy": 1}), depth
+    assert work[10].ops == work[28].ops
+    assert work[28].ops["aten.sort"] == 2, "one stable sort pair, for the random regrowth"

@@ -31,6 +31,28 @@ def test_select_smallest_matches_per_tensor_sort(problem):
             assert seg_keys[seg_chosen].max() <= seg_keys[~seg_chosen & finite].min()
 
 
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.data())
+@settings(max_examples=200, deadline=None)
+def test_first_largest_marks_the_first_maximum_among_the_chosen_entries(sizes, data):
+    """Values are small integers (many ties: the first position must win); a segment may have no entry."""
+    n = sum(sizes)
+    values = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), dtype=torch.float32)
+    among = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    marked = Segments(sizes).first_largest(values, among)
+    for seg_values, seg_among, seg_marked in zip(*(torch.split(t, sizes) for t in (values, among, marked))):
+        expected = torch.zeros_like(seg_among)
+        if seg_among.any():
+            candidates = [i for i in range(len(seg_values)) if seg_among[i]]
+            expected[max(candidates, key=lambda i: (seg_values[i], -i))] = True
+        assert torch.equal(seg_marked, expected)
+
+
+def test_counting_several_flag_vectors_at_once_equals_counting_each():
+    seg = Segments([3, 1, 4])
+    flags = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.equal(seg.count(flags), torch.stack([seg.count(f) for f in flags]))
+
+
 @given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500)), min_size=1, max_size=30), st.integers(0, 10**6), st.data())
 @settings(max_examples=300, deadline=None)
 def test_split_regrowth_is_exact_and_within_capacity(pairs, seed, data):

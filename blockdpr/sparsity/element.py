@@ -82,7 +82,7 @@ class ElementSparsity(SparseStructure):
     def flat_scores(self) -> torch.Tensor:
         """float [n units]: |w| of every element, or mean |w| of every block, end to end."""
         if self.block is None:
-            return torch.cat([p.detach().reshape(-1).abs().float() for p in self.params])
+            return torch.cat([p.detach().reshape(-1) for p in self.params]).abs_().float()
         return torch.cat([block_means(weight_to_matrix(p), self.block).reshape(-1) for p in self.params])
 
     def _element_masks(self, flat_units: torch.Tensor) -> list[torch.Tensor]:
@@ -106,10 +106,14 @@ class ElementSparsity(SparseStructure):
         new = self._element_masks(survived | regrown)
         torch._foreach_mul_(self.params, survived_t)
         if optimizer is not None and not keep_momentum:
-            for p, keep in zip(self.params, survived_t):
+            state, keep = [], []
+            for p, survivors in zip(self.params, survived_t):
                 for value in optimizer.state.get(p, {}).values():
                     if torch.is_tensor(value) and value.shape == p.shape:
-                        value.mul_(keep)
+                        state.append(value)
+                        keep.append(survivors)
+            if state:
+                torch._foreach_mul_(state, keep)
         torch._foreach_copy_(self.masks, new)  # in place: a captured CUDA graph keeps reading these tensors
 
     # ---- reporting and persistence --------------------------------------------------------

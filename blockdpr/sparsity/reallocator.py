@@ -106,17 +106,13 @@ class Reallocator:
 
         # 1. Prune below H; keep the strongest unit of any tensor that would be emptied.
         survived = mask & (scores >= self.threshold)
-        emptied = (seg.count(survived) == 0) & (seg.count(mask) > 0)
-        strongest = seg.select_smallest(
-            torch.where(mask, -scores.float(), torch.full_like(scores, float("inf"), dtype=torch.float32)),
-            emptied.to(torch.int64),
-        )
-        survived |= strongest
+        kept, active = seg.count(torch.stack([survived, mask]))
+        emptied = (kept == 0) & (active > 0)
+        survived |= seg.first_largest(scores, mask) & emptied[seg.ids]
         pruned = mask & ~survived
 
         # The one host sync: per-tensor pruned, surviving, free and non-finite counts (4 x T ints).
-        counts = torch.stack([seg.count(pruned), seg.count(survived), seg.count(~mask),
-                              seg.count(~torch.isfinite(scores))]).cpu().numpy()
+        counts = seg.count(torch.stack([pruned, survived, ~mask, ~torch.isfinite(scores)])).cpu().numpy()
         k, l, free, nonfinite = counts
         if nonfinite.any():
             raise FloatingPointError(f"non-finite (NaN or infinite) weights in sparse tensors {np.flatnonzero(nonfinite).tolist()}: "

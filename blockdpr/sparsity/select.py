@@ -32,9 +32,23 @@ class Segments:
         return len(self.sizes)
 
     def count(self, flags: torch.Tensor) -> torch.Tensor:
-        """Per-segment count of True entries: bool [n] -> int64 [T]."""
-        out = torch.zeros(len(self.sizes), dtype=torch.int64, device=flags.device)
-        return out.index_add_(0, self.ids, flags.to(torch.int64))
+        """Per-segment count of True entries: bool [n] -> int64 [T], or bool [k, n] -> int64 [k, T]."""
+        out = torch.zeros(*flags.shape[:-1], len(self.sizes), dtype=torch.int64, device=flags.device)
+        return out.index_add_(flags.ndim - 1, self.ids, flags.to(torch.int64))
+
+    def first_largest(self, values: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+        """In each segment mark the first entry (by position) with the largest value `among` its
+        True entries; nothing in a segment without any. values: float [n]; among: bool [n].
+        Returns bool [n]. O(n), no sort: two segment reductions (max, then first position)."""
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        masked = torch.where(among, values.to(dtype), float("-inf"))
+        best = torch.full((len(self.sizes),), float("-inf"), dtype=dtype, device=values.device)
+        best = best.scatter_reduce(0, self.ids, masked, "amax")
+        positions = torch.arange(self.total, device=values.device)
+        candidate = torch.where(among & (masked == best[self.ids]), positions, self.total)
+        first = torch.full((len(self.sizes),), self.total, dtype=torch.int64, device=values.device)
+        first = first.scatter_reduce(0, self.ids, candidate, "amin")
+        return positions == first[self.ids]
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of the flat vector, one per segment."""
