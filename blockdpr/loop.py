@@ -33,7 +33,8 @@ from .run_dir import open_run_dir, write_config, write_metrics, write_summary
 from .runinfo import atomic_write, provenance
 from .setup import build_sparsity, identity, init_seed, initial_state, resolve_device, save_tensors
 from .signals import STOP_SIGNALS, Stopped, StopSignals
-from .sparsity import DPRConfig, Reallocator, SparseStructure, gmp_pruning_index, gmp_sparsity
+from .sparsity import (DPRConfig, NonFiniteWeights, Reallocator, SparseStructure, gmp_pruning_index, gmp_sparsity,
+                       reallocate_structures)
 from .sparsity.packed import dense_state_dict
 from .sparsity.select import seeded_generator
 from .stacked import StackedWideResNet, load_trial_optimizer_state_dicts, trial_optimizer, trial_optimizer_state_dict
@@ -287,28 +288,35 @@ class Trainer:
         batch = len(idx)  # images per trial in this step, over all ranks
         self.step_fn(xs, ys)
         self.images_this_process += batch
+        due = []
         for t, trial in enumerate(self.trials):
             state = trial.state
             state.seen += batch
             state.global_step += 1
             state.step_in_epoch = step + 1
             if trial.reallocator is not None and epoch < trial.config.dpr_stop_epoch and state.global_step % self.period == 0:
-                self.reallocate(t)
+                due.append(t)
+        if due:
+            self.reallocate(due)
 
-    def reallocate(self, t: int) -> None:
-        """One DPR reallocation of trial t (outside the captured step)."""
-        trial = self.trials[t]
+    def reallocate(self, due: list[int]) -> None:
+        """One DPR reallocation of each trial in `due`, all at once (outside the captured step; one
+        host sync for all of them)."""
+        trials = [self.trials[t] for t in due]
         try:
-            result = trial.sparsity.reallocate(trial.reallocator, trial.state.global_step,
-                                               trial_optimizer(self.model, self.optimizer, trial.sparse, t),
-                                               self.cfg.keep_momentum)
-        except FloatingPointError as e:
-            raise Diverged(f"{trial.out}: {e}") from None
-        trial.state.moved += result.pruned
-        trial.state.reallocations += 1
+            results = reallocate_structures(
+                [trial.sparsity for trial in trials], [trial.reallocator for trial in trials], trials[0].state.global_step,
+                [trial_optimizer(self.model, self.optimizer, trial.sparse, t) for t, trial in zip(due, trials)],
+                self.cfg.keep_momentum)
+        except NonFiniteWeights as e:
+            raise Diverged(f"{', '.join(str(trials[i].out) for i in e.trials)}: {e}") from None
+        for trial, result in zip(trials, results):
+            trial.state.moved += result.pruned
+            trial.state.reallocations += 1
         if self.cfg.granularity == "block":
             self.invalidate_graphs()  # new packed parameters
-        self.dist.check_replicas([trial.sparsity.flat_mask()], "sparse structures")
+        if self.dist.enabled:
+            self.dist.check_replicas([trial.sparsity.flat_mask() for trial in trials], "sparse structures")
 
     def invalidate_graphs(self) -> None:
         """Parameters or masks were replaced: the captured training step and evaluation capture again."""

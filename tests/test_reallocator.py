@@ -1,11 +1,15 @@
 """Invariants of Algorithm 1 (the DPR reallocator) and of per-segment selection."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from blockdpr.sparsity import DPRConfig, Reallocator, Segments, gmp_pruning_index, gmp_sparsity, split_regrowth
+from blockdpr.sparsity import (DPRConfig, NonFiniteWeights, Reallocator, Segments, gmp_pruning_index, gmp_sparsity,
+                               reallocate_together, split_regrowth)
+from blockdpr_kernels.testing import record_work
 
 
 @st.composite
@@ -242,3 +246,41 @@ def test_gmp_schedule_is_cubic_and_ends_at_the_target():
     assert values[0] == pytest.approx(0.9 * (1 - 0.95**3))
     assert [gmp_pruning_index(e) for e in range(0, 6)] == [1, None, 2, None, 3, None]
     assert gmp_pruning_index(38) == 20 and gmp_pruning_index(40) is None
+
+
+def test_reallocating_several_trials_together_equals_each_alone():
+    """The trials of one process reallocate in one call (one host sync, one sort pair): every result,
+    threshold and random draw is the one its reallocator gives alone, whatever the other trials hold."""
+    problems = [([30, 50, 20], 7, 0.05), ([30, 50, 20], 8, 0.2), ([64, 3], 9, 0.01)]  # (sizes, seed, initial H)
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for sizes, _, _ in problems:
+        n = sum(sizes)
+        mask = torch.rand(n, generator=gen) < 0.4
+        inputs.append((torch.rand(n, generator=gen) * mask, mask))
+
+    def reallocators():
+        return [Reallocator(sizes, DPRConfig(target_pruned=6, initial_threshold=h), seed) for sizes, seed, h in problems]
+    alone = [r.reallocate(scores, mask, 11) for r, (scores, mask) in zip(reallocators(), inputs)]
+    together_reallocators = reallocators()
+    with record_work() as work:
+        together = reallocate_together(together_reallocators, *zip(*inputs), step=11)
+    assert work.syncs == collections.Counter({"numpy": 1}) and work.ops["aten.sort"] == 2
+    for a, b, r in zip(alone, together, together_reallocators):
+        assert torch.equal(a.survived, b.survived) and torch.equal(a.regrown, b.regrown)
+        assert (a.pruned_per_tensor.tolist(), a.regrown_per_tensor.tolist()) == (b.pruned_per_tensor.tolist(),
+                                                                                 b.regrown_per_tensor.tolist())
+        assert (a.threshold_used, a.threshold_next) == (b.threshold_used, b.threshold_next) == (a.threshold_used,
+                                                                                               r.threshold)
+    assert len({a.pruned for a in alone}) > 1, "the trials must differ"
+
+
+def test_non_finite_scores_of_one_trial_stop_all_and_name_it():
+    realloc = [Reallocator([4, 4], DPRConfig(2, 0.1, 0.5), seed=s) for s in (0, 1)]
+    good = torch.tensor([1.0, 0.1, 2.0, 0.2, 1.0, 1.0, 0.1, 3.0])
+    bad = good.clone()
+    bad[5] = float("inf")
+    mask = torch.ones(8, dtype=torch.bool)
+    with pytest.raises(NonFiniteWeights, match=r"sparse tensors \{1: \[1\]\}") as e:
+        reallocate_together(realloc, [good, bad], [mask, mask], 1)
+    assert e.value.trials == [1] and [r.threshold for r in realloc] == [0.5, 0.5], "nothing changes"

@@ -14,6 +14,8 @@ flat vector of unit magnitudes over all sparse tensors and one flat activity mas
 
 All per-unit work runs on the device, vectorised over all tensors at once; the only host sync
 is one small transfer of the per-tensor counts (needed for the exact integer split of K).
+`reallocate_together` does this for the trials of one process at once (one sync, one sort pair
+in all), each trial getting exactly what its reallocator alone would give.
 """
 
 from __future__ import annotations
@@ -96,43 +98,92 @@ class Reallocator:
         scores: float [n], magnitude of every unit (|w| for elements, mean |w| for blocks).
         mask: bool [n], the active units. step: the training step (seeds the randomness).
         """
-        seg = self.segments
-        if scores.shape != (seg.total,) or mask.shape != (seg.total,):
+        return reallocate_together([self], [scores], [mask], step)[0]
+
+    def _check(self, scores: torch.Tensor, mask: torch.Tensor) -> None:
+        total = self.segments.total
+        if scores.shape != (total,) or mask.shape != (total,):
             raise ValueError(
-                f"scores and mask must both have shape ({seg.total},), got {tuple(scores.shape)} and {tuple(mask.shape)}"
+                f"scores and mask must both have shape ({total},), got {tuple(scores.shape)} and {tuple(mask.shape)}"
             )
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
 
-        # 1. Prune below H; keep the strongest unit of any tensor that would be emptied.
-        survived = mask & (scores >= self.threshold)
-        kept, active = seg.count(torch.stack([survived, mask]))
-        emptied = (kept == 0) & (active > 0)
-        survived |= seg.first_largest(scores, mask) & emptied[seg.ids]
-        pruned = mask & ~survived
-
-        # The one host sync: per-tensor pruned, surviving, free and non-finite counts (4 x T ints).
-        counts = seg.count(torch.stack([pruned, survived, ~mask, ~torch.isfinite(scores)])).cpu().numpy()
-        k, l, free, nonfinite = counts
-        if nonfinite.any():
-            raise FloatingPointError(f"non-finite (NaN or infinite) weights in sparse tensors {np.flatnonzero(nonfinite).tolist()}: "
-                                     "training diverged, refusing to reallocate")
+    def _adapt_and_split(self, k: np.ndarray, l: np.ndarray, free: np.ndarray, step: int) -> tuple[np.ndarray, bool]:
+        """Steps 2 and 3 on the host, from the per-tensor counts: move H (this affects the next
+        reallocation), then split K over the tensors. Returns (r_i, whether the just-pruned units
+        must be eligible for regrowth: only at very high density, where the free ones do not suffice)."""
         total_pruned = int(k.sum())
-
-        # 2. Move H toward the target pruned count (affects the next reallocation).
-        used = self.threshold
         cfg = self.config
         if total_pruned > (1 + cfg.tolerance) * cfg.target_pruned:
-            self.threshold = used / 2
+            self.threshold /= 2
         elif total_pruned < (1 - cfg.tolerance) * cfg.target_pruned:
-            self.threshold = used * 2
-
-        # 3. Regrow exactly K units, split over tensors in proportion to l_i.
+            self.threshold *= 2
         rng = np.random.default_rng([self.seed, int(step)])
-        eligible = ~mask
-        if free.sum() < total_pruned:  # only at very high density: allow the just-pruned units
-            free, eligible = free + k, ~survived
-        r = split_regrowth(l, free, total_pruned, rng)
-        generator = seeded_generator(scores.device, self.seed, step)
-        regrown = seg.select_random(eligible, torch.as_tensor(r, device=scores.device), generator)
-        return ReallocationResult(survived, regrown, k, r, used, self.threshold)
+        with_pruned = free.sum() < total_pruned
+        return split_regrowth(l, free + k if with_pruned else free, total_pruned, rng), with_pruned
+
+
+class NonFiniteWeights(FloatingPointError):
+    """A reallocation saw NaN or infinite scores; `trials` indexes the reallocators that did."""
+
+    def __init__(self, message: str, trials: list[int]):
+        super().__init__(message)
+        self.trials = trials
+
+
+def reallocate_together(reallocators: list[Reallocator], scores: list[torch.Tensor], masks: list[torch.Tensor],
+                        step: int) -> list[ReallocationResult]:
+    """Algorithm 1 for several independent sets of tensors at once (the trials of one process):
+    each result is exactly what that reallocator's own `reallocate` gives (its threshold, counts and
+    random draws), with one host sync and one sort pair for all of them.
+
+    scores[t]: float [n_t]; masks[t]: bool [n_t] (see Reallocator.reallocate). On non-finite scores
+    nothing changes and NonFiniteWeights names the trials.
+    """
+    for r, sc, m in zip(reallocators, scores, masks, strict=True):
+        r._check(sc, m)
+    one = len(reallocators) == 1
+    seg = reallocators[0].segments if one else Segments([n for r in reallocators for n in r.segments.sizes],
+                                                        scores[0].device)
+    score, mask = (scores[0], masks[0]) if one else (torch.cat(scores), torch.cat(masks))
+    thresholds = [r.threshold for r in reallocators]
+    if one:
+        threshold = thresholds[0]
+    else:  # each unit's own trial's H, in the scores' dtype (as a Python float is compared)
+        per_tensor = [h for r, h in zip(reallocators, thresholds) for _ in r.segments.sizes]
+        threshold = torch.tensor(per_tensor, dtype=score.dtype, device=score.device)[seg.ids]
+
+    # 1. Prune below H; keep the strongest unit of any tensor that would be emptied.
+    survived = mask & (score >= threshold)
+    kept, active = seg.count(torch.stack([survived, mask]))
+    emptied = (kept == 0) & (active > 0)
+    survived |= seg.first_largest(score, mask) & emptied[seg.ids]
+    pruned = mask & ~survived
+
+    # The one host sync: per-tensor pruned, surviving, free and non-finite counts (4 x tensors ints).
+    counts = seg.count(torch.stack([pruned, survived, ~mask, ~torch.isfinite(score)])).cpu().numpy()
+    bounds = np.cumsum([len(r.segments) for r in reallocators])[:-1]
+    per_trial = np.split(counts, bounds, axis=1)  # [4, tensors of trial t] each
+    bad = [t for t, c in enumerate(per_trial) if c[3].any()]
+    if bad:
+        tensors = {t: np.flatnonzero(per_trial[t][3]).tolist() for t in bad}
+        raise NonFiniteWeights(f"non-finite (NaN or infinite) weights in sparse tensors {tensors if not one else tensors[0]}: "
+                               "training diverged, refusing to reallocate", bad)
+
+    # 2. and 3. on the host (H, the integer split of K), then one draw over all tensors.
+    splits = [r._adapt_and_split(k, l, free, step) for r, (k, l, free, _) in zip(reallocators, per_trial)]
+    regrow = np.concatenate([r_i for r_i, _ in splits])
+    eligible = ~mask
+    if any(with_pruned for _, with_pruned in splits):
+        use_survived = [w for (_, w), r in zip(splits, reallocators) for _ in r.segments.sizes]
+        eligible = torch.where(torch.tensor(use_survived, device=mask.device)[seg.ids], ~survived, eligible)
+    keys = [torch.rand(r.segments.total, generator=seeded_generator(score.device, r.seed, step), device=score.device)
+            for r in reallocators]  # each trial's own draw, as if alone
+    keys = (keys[0] if one else torch.cat(keys)).masked_fill(~eligible, float("inf"))
+    regrown = seg.select_smallest(keys, torch.as_tensor(regrow, device=score.device))
+
+    sizes = [r.segments.total for r in reallocators]
+    return [ReallocationResult(s, g, c[0], r_i, h, r.threshold)
+            for s, g, c, (r_i, _), h, r in zip(survived.split(sizes), regrown.split(sizes), per_trial, splits,
+                                                 thresholds, reallocators)]

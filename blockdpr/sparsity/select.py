@@ -22,7 +22,8 @@ class Segments:
         size_t = torch.tensor(self.sizes, dtype=torch.int64, device=self.device)
         self.size_tensor = size_t  # int64 [T]
         self.starts = torch.cumsum(size_t, 0) - size_t  # int64 [T], offset of each segment
-        self.ids = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), size_t)  # int64 [n]
+        self.ids = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), size_t,
+                                           output_size=self.total)  # int64 [n]; the size given: no host sync
 
     @property
     def total(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reallocator import Reallocator, ReallocationResult
+from .reallocator import Reallocator, ReallocationResult, reallocate_together
 from .select import Segments, seeded_generator
 
 
@@ -26,6 +26,18 @@ def random_structure(segments: Segments, sparsity: float, seed: int) -> torch.Te
     counts = torch.tensor([initial_keep_count(n, sparsity) for n in segments.sizes], device=device)
     eligible = torch.ones(segments.total, dtype=torch.bool, device=device)
     return segments.select_random(eligible, counts, seeded_generator(device, seed, -1))
+
+
+def reallocate_structures(structures: list["SparseStructure"], reallocators: list[Reallocator], step: int,
+                          optimizers: list, keep_momentum: bool = False) -> list[ReallocationResult]:
+    """One DPR reallocation of several structures at once (the trials of one process, each with its
+    own reallocator and optimizer view), each installed as if reallocated alone; one host sync in all
+    (reallocator.reallocate_together). Raises NonFiniteWeights (nothing changed) on NaN or inf."""
+    results = reallocate_together(reallocators, [s.flat_scores() for s in structures],
+                                  [s.flat_mask() for s in structures], step)
+    for structure, result, optimizer in zip(structures, results, optimizers, strict=True):
+        structure.set_structure(result.survived, result.regrown, optimizer, keep_momentum)
+    return results
 
 
 class SparseStructure:
@@ -59,9 +71,7 @@ class SparseStructure:
     def reallocate(self, reallocator: Reallocator, step: int, optimizer: torch.optim.Optimizer | None = None,
                    keep_momentum: bool = False) -> ReallocationResult:
         """Run one DPR reallocation on these tensors and install its result."""
-        result = reallocator.reallocate(self.flat_scores(), self.flat_mask(), step)
-        self.set_structure(result.survived, result.regrown, optimizer, keep_momentum)
-        return result
+        return reallocate_structures([self], [reallocator], step, [optimizer], keep_momentum)[0]
 
     @torch.no_grad()
     def prune_to_sparsity(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
