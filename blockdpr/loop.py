@@ -14,9 +14,8 @@ pruned. Checkpoints also come every --checkpoint-every steps and every --checkpo
 from __future__ import annotations
 
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from rich.console import Console
@@ -30,15 +29,15 @@ from .distributed import Distributed
 from .models import WideResNet, parameter_counts
 from .progress import ProgressReporter
 from .run_dir import open_run_dir, write_config, write_metrics, write_summary
-from .runinfo import atomic_write, provenance
+from .runinfo import provenance
 from .setup import build_sparsity, identity, init_seed, initial_state, resolve_device, save_tensors
 from .signals import STOP_SIGNALS, Stopped, StopSignals
-from .sparsity import (DPRConfig, NonFiniteWeights, Reallocator, SparseStructure, gmp_pruning_index, gmp_sparsity,
-                       reallocate_structures)
+from .sparsity import DPRConfig, NonFiniteWeights, Reallocator, gmp_pruning_index, gmp_sparsity, reallocate_structures
 from .sparsity.packed import dense_state_dict
 from .sparsity.select import seeded_generator
 from .stacked import StackedWideResNet, load_trial_optimizer_state_dicts, trial_optimizer, trial_optimizer_state_dict
 from .step import Evaluation, TrainStep
+from .trial import RunState, Trial, restore_best
 
 console = Console(stderr=True, soft_wrap=True)
 RANK_SYNC_STEPS = 20  # data parallel: ranks agree on time- and signal-driven stops every this many steps
@@ -46,63 +45,6 @@ RANK_SYNC_STEPS = 20  # data parallel: ranks agree on time- and signal-driven st
 
 class Diverged(FloatingPointError):
     """The training loss or the weights became NaN or infinite."""
-
-
-@dataclass
-class RunState:
-    """Where a trial is: saved in every checkpoint; the epoch accumulators make mid-epoch resume exact."""
-
-    epoch: int = 0  # epoch in progress
-    step_in_epoch: int = 0  # steps of that epoch already done
-    global_step: int = 0
-    best_test_acc: float = 0.0
-    best_epoch: int = -1  # the epoch best.pt holds (-1: none yet)
-    seconds: float = 0.0  # training time before this process
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    moved: int = 0
-    reallocations: int = 0
-    epoch_seconds: float = 0.0
-    epoch_images: int = 0
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.step_in_epoch = epoch, 0
-        self.loss_sum, self.correct, self.seen, self.moved, self.reallocations = 0.0, 0, 0, 0, 0
-        self.epoch_seconds, self.epoch_images = 0.0, 0
-
-
-@dataclass
-class Trial:
-    """One run of a process that may train several: its settings, structure, reallocator and progress."""
-
-    config: RunConfig
-    sparse: dict[str, torch.Tensor]  # its sparse weights (views of the stacked model's parameters)
-    sparsity: SparseStructure | None
-    reallocator: Reallocator | None
-    dense_layers: list[str]  # block mode: sparse convs the block does not tile, kept dense
-    state: RunState = field(default_factory=RunState)
-    records: list[dict] = field(default_factory=list)  # metrics.jsonl: one record per finished epoch
-
-    @property
-    def out(self):
-        return self.config.out
-
-
-def restore_best(out, state: RunState) -> None:
-    """Make best.pt hold the epoch that last.pt says it holds (state.best_epoch). best.pt is written
-    before last.pt, so a kill leaves it right or ahead (rewritten when that epoch is trained again);
-    if it was lost, last.pt taken at the end of that epoch is the same checkpoint."""
-    best = out / "best.pt"
-    if state.best_epoch < 0 or (best.is_file() and load_checkpoint(best)["progress"]["best_epoch"] >= state.best_epoch):
-        return
-    if (state.epoch, state.step_in_epoch) == (state.best_epoch + 1, 0):
-        with open(out / "last.pt", "rb") as f:
-            atomic_write(best, lambda dst: shutil.copyfileobj(f, dst))
-        console.print(f"restored {escape(best)} from last.pt (epoch {state.best_epoch})", highlight=False)
-    else:
-        console.print(f"[yellow]warning:[/yellow] {escape(best)} (epoch {state.best_epoch}) is missing or stale and "
-                      "cannot be rebuilt; it is written again at the next best epoch", highlight=False)
 
 
 class Trainer:

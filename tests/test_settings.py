@@ -8,7 +8,7 @@ import torch
 
 from blockdpr import runinfo
 from blockdpr.config import RunConfig
-from blockdpr.loop import RunState, restore_best
+from blockdpr.trial import RunState, restore_best
 from blockdpr.train import build_parser, configs_from_argv, main
 from tiny import TINY, assert_runs_match
 
