@@ -25,6 +25,7 @@ from rich.table import Table
 from blockdpr.cli import RawHelpFormatter, add_list_argument
 from blockdpr.models import WideResNet, sparse_parameters
 from blockdpr.runinfo import atomic_write_json, provenance
+from blockdpr.setup import sgd
 from blockdpr.sparsity.packed import to_block_sparse
 from blockdpr_kernels import CONV_BLOCKS
 
@@ -41,7 +42,7 @@ def layout_nbytes(layout) -> int:
 
 def train_step(model: torch.nn.Module) -> torch.optim.Optimizer:
     """One SGD step (Nesterov momentum, weight decay) on 2 random 32x32 images; returns the optimizer."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = sgd(model.parameters())
     F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
     optimizer.step()
     return optimizer

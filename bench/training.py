@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from bench.memory import layout_nbytes, measure as memory_measure, nbytes, parameter_state_bytes
 from bench.timing import stats, time_ms
 from blockdpr.models import WideResNet, sparse_parameters
+from blockdpr.setup import sgd
 from blockdpr.sparsity.element import ElementSparsity
 from blockdpr.sparsity.packed import to_block_sparse
 from blockdpr.sparsity.reallocator import DPRConfig, Reallocator
@@ -47,7 +48,7 @@ def build_training(model_name: str, mode: str, block: int | None, sparsity: floa
     elif mode == "block":
         structure, kept_dense = to_block_sparse(model, names, block, sparsity, cfg["seed"])
     model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = sgd(model.parameters())
     return model, optimizer, structure, kept_dense
 
 

@@ -30,7 +30,7 @@ from .models import WideResNet, parameter_counts
 from .progress import ProgressReporter
 from .run_dir import open_run_dir, write_config, write_metrics, write_summary
 from .runinfo import provenance
-from .setup import build_sparsity, identity, init_seed, initial_state, resolve_device, save_tensors
+from .setup import build_sparsity, identity, init_seed, initial_state, resolve_device, save_tensors, sgd
 from .signals import STOP_SIGNALS, Stopped, StopSignals
 from .sparsity import DPRConfig, NonFiniteWeights, Reallocator, gmp_pruning_index, gmp_sparsity, reallocate_structures
 from .sparsity.packed import dense_state_dict
@@ -101,8 +101,7 @@ class Trainer:
         for trial, ckpt in zip(self.trials, ckpts):  # structure first: block mode's packed parameters take its shapes
             if trial.sparsity is not None:
                 trial.sparsity.load_state_dict(ckpt["masks"])
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=value_at(cfg.lr_schedule, 0), momentum=cfg.momentum,
-                                         nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        self.optimizer = sgd(model.parameters(), value_at(cfg.lr_schedule, 0), cfg.momentum, cfg.weight_decay)
         if cfg.compile and cfg.granularity == "block":
             # Packed parameters change shape at every reallocation: let dynamo make that dimension
             # dynamic (one recompile) instead of specialising on each shape.

@@ -15,6 +15,7 @@ from blockdpr.sparsity import DPRConfig, ElementSparsity, Reallocator
 from blockdpr.stacked import StackedWideResNet
 from blockdpr.loop import Trainer
 from blockdpr.step import Evaluation, TrainStep
+from blockdpr.setup import sgd
 from blockdpr.train import main, parse_configs
 from blockdpr_kernels.testing import record_work
 from tiny import TINY
@@ -29,7 +30,7 @@ def setup(static: bool, trials: int):
     for s in sparsities:
         s.apply_()
     reallocators = [Reallocator(s.segments.sizes, DPRConfig(50, 0.1, 0.05), seed=t) for t, s in enumerate(sparsities)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = sgd(model.parameters())
     step = TrainStep(model, model, optimizer, sparsities, views, Distributed(), static=static)
     return model, sparsities, reallocators, optimizer, step
 
@@ -101,6 +102,8 @@ def test_the_dpr_step_has_no_host_sync_and_adds_two_foreach_ops_per_trial_to_the
     extra = work["dpr"].ops - work["dense"].ops
     assert extra == collections.Counter({"aten._foreach_mul_": 2 * trials})
     assert not work["dense"].ops - work["dpr"].ops
+    assert work["dense"].ops["aten._foreach_zero_"] == 1 and not work["dense"].ops["aten.zero_"], \
+        "zero_grad is one multi-tensor op, not one per parameter"
 
 
 @pytest.mark.parametrize("seeds", ["0", "0,1,2"])
@@ -108,16 +111,17 @@ def test_trainer_steps_have_no_host_sync_and_a_reallocation_syncs_once(tmp_path,
     """The loop between reallocations (batch selection, augmentation, the step, the bookkeeping) never
     waits for the device; the trials' reallocations read their per-tensor counts once, together."""
     configs = parse_configs([*TINY, "--data", str(tiny_cifar), "--train-subset", "100", "--test-subset", "20",
-                             "--realloc-periods", "0:3", "--seeds", seeds, "--out", str(tmp_path / "run-{seed}")])
+                             "--realloc-periods", "0:4", "--seeds", seeds, "--out", str(tmp_path / "run-{seed}")])
     trainer = Trainer(configs)
     trainer.start_epoch(0)
+    trainer.step(0, 0)  # creates the gradients and momentum buffers
     with record_work() as steps:
-        for step in range(2):
+        for step in (1, 2):
             trainer.step(0, step)
-    assert steps.ops["aten._foreach_mul_"] == 2 * 2 * len(configs), "two steps ran"
+    assert steps.ops["aten._foreach_zero_"] == 2, "two steps ran (one zero_grad each)"
     assert not steps.syncs
     with record_work() as realloc:
-        trainer.step(0, 2)  # the third step reallocates
+        trainer.step(0, 3)  # the fourth step reallocates
     assert [t.state.reallocations for t in trainer.trials] == [1] * len(configs)
     assert realloc.syncs == collections.Counter({"numpy": 1})
 
