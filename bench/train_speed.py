@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 import tempfile
 from pathlib import Path
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         overheads(rows)
         write(out, meta, rows)  # after every case: a session cut short keeps what it measured
         if cuda:
+            gc.collect()  # the case's trainer, its CUDA graphs and their memory pools
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     print(f"wrote {out} and {out.with_suffix('.md')}")
