@@ -144,7 +144,7 @@ class _OpCounter(TorchDispatchMode):
             self.work.ops[name] += 1
         if name == "aten._local_scalar_dense":
             self.work.syncs["item"] += 1
-        elif name in _VALUE_SIZED_OPS:
+        elif name in _VALUE_SIZED_OPS and kwargs.get("output_size") is None:  # repeat_interleave may be told it
             self.work.syncs[name] += 1
         elif name in ("aten._to_copy", "aten.copy_") and _to_cpu(func, args, kwargs):
             self.work.syncs["to_cpu"] += 1
