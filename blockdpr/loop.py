@@ -213,21 +213,19 @@ class Trainer:
             self.step_fn.invalidate()  # SGD reads the lr as a number: a captured step holds the old one
         self.period = int(value_at(cfg.realloc_periods, epoch))
         n = len(self.data.train_images)
-        self.orders = [data_lib.epoch_permutation(n, trial.config.seed, epoch, self.device) for trial in self.trials]
+        self.orders = torch.stack([data_lib.epoch_permutation(n, trial.config.seed, epoch, self.device)
+                                   for trial in self.trials])  # int64 [T, n]
         self.tick, self.images_this_process = time.perf_counter(), 0
 
     def step(self, epoch: int, step: int) -> None:
         """One training step of every trial (each on its own batch, a function of (seed, step)), then
         the reallocations that are due."""
         bs, data, dist = self.cfg.batch_size, self.data, self.dist
-        xs, ys = [], []
-        for trial, order in zip(self.trials, self.orders):  # every rank draws the whole batch, trains on its share
-            idx = order[step * bs:(step + 1) * bs]
-            x = data_lib.augment(data.train_images[idx], seeded_generator(self.device, trial.config.seed, trial.state.global_step))
-            xs.append(dist.shard(x))
-            ys.append(dist.shard(data.train_labels[idx]))
-        batch = len(idx)  # images per trial in this step, over all ranks
-        self.step_fn(xs, ys)
+        idx = self.orders[:, step * bs:(step + 1) * bs]  # [T, B]; every rank draws the whole batch, trains on its share
+        generators = [seeded_generator(self.device, trial.config.seed, trial.state.global_step) for trial in self.trials]
+        x = data_lib.augment_trials(data.train_images[idx], generators)  # [B, T * 3, 32, 32]
+        batch = idx.shape[1]  # images per trial in this step, over all ranks
+        self.step_fn(dist.shard(x), dist.shard(data.train_labels[idx].T))
         self.images_this_process += batch
         due = []
         for t, trial in enumerate(self.trials):

@@ -95,9 +95,9 @@ class TrainStep:
         self.correct = torch.zeros(model.trials, dtype=torch.int64, device=device)
         self.call = StaticCall(self.compute, static, graph)
 
-    def __call__(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        """One step on each trial's batch: xs float [B, 3, 32, 32], ys int64 [B] (T of each)."""
-        x, y = stacked_input(xs), torch.stack(ys, 1)  # [B, T * 3, 32, 32], [B, T]
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One step on the trials' batches: x float [B, T * 3, 32, 32] (trial t in channels 3t..3t+2, as
+        data.augment_trials gives it), y int64 [B, T]."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.call(x, y)

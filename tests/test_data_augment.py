@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from data_fixtures import load, tiny_zip  # noqa: F401 (tiny_zip: fixture)
 
-from blockdpr.data import CIFAR10_MEAN, CIFAR10_STD, augment, epoch_permutation, normalize
+from blockdpr.data import CIFAR10_MEAN, CIFAR10_STD, augment, augment_trials, epoch_permutation, normalize
 from blockdpr.data import augmentation
 
 
@@ -116,3 +116,17 @@ def test_augment_rejects_wrong_input():
         augment(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.Generator())
     with pytest.raises(ValueError):
         normalize(torch.zeros(2, 32, 32, 3))
+
+
+def test_augmenting_trials_together_equals_each_alone():
+    """augment_trials is the stacked model's input: trial t's channels hold augment(images[t], its own
+    generator) exactly, whatever the other trials are."""
+    images = torch.randint(0, 256, (3, 5, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    together = augment_trials(images, [torch.Generator().manual_seed(s) for s in (4, 5, 6)])
+    alone = [augment(images[t], torch.Generator().manual_seed(s)) for t, s in enumerate((4, 5, 6))]
+    assert together.shape == (5, 9, 32, 32) and together.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(together, torch.cat(alone, dim=1))
+    with pytest.raises(ValueError, match="one generator per trial"):
+        augment_trials(images, [torch.Generator()])
+    with pytest.raises(ValueError, match=r"expected uint8 \[T, B, 32, 32, 3\]"):
+        augment_trials(images[0], [torch.Generator()])

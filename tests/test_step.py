@@ -35,6 +35,12 @@ def setup(static: bool, trials: int):
     return model, sparsities, reallocators, optimizer, step
 
 
+def _batch(trials: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random stacked batch of 6 images per trial: x float [6, T * 3, 32, 32], y int64 [6, T]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, trials * 3, 32, 32, generator=g), torch.randint(0, 10, (6, trials), generator=g)
+
+
 @pytest.mark.parametrize("trials", [1, 2])
 def test_static_buffer_step_equals_eager_step_through_a_reallocation(trials):
     runs = []
@@ -43,10 +49,7 @@ def test_static_buffer_step_equals_eager_step_through_a_reallocation(trials):
         masks = [m for s in sparsities for m in s.masks]
         losses = []
         for i in range(4):
-            g = torch.Generator().manual_seed(i)
-            xs = [torch.randn(6, 3, 32, 32, generator=g) for _ in range(trials)]
-            ys = [torch.randint(0, 10, (6,), generator=g) for _ in range(trials)]
-            step(xs, ys)
+            step(*_batch(trials, i))
             losses.append(step.loss_sum.clone())
             if i == 1:
                 for s, r in zip(sparsities, reallocators):
@@ -80,12 +83,6 @@ def _dense_setup(trials: int):
     model, _, _, optimizer, _ = setup(False, trials)
     views = [model.trial_sparse_tensors(t) for t in range(trials)]
     return model, TrainStep(model, model, optimizer, [None] * trials, views, Distributed())
-
-
-def _batch(trials: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(6, 3, 32, 32, generator=g) for _ in range(trials)], \
-        [torch.randint(0, 10, (6,), generator=g) for _ in range(trials)]
 
 
 @pytest.mark.parametrize("trials", [1, 2])
@@ -144,3 +141,21 @@ def test_static_buffer_evaluation_equals_eager_evaluation_and_syncs_once(trials)
     assert results[0] == results[1]
     assert len(evaluation.call._buffers) == 2, "batches of 10 and of 5"
     assert all(0 <= acc <= 1 for acc in results[0][1]) and len(results[0][0]) == trials
+
+
+def test_a_loop_step_grows_only_by_each_trials_own_draws_and_masks(tmp_path, tiny_cifar):
+    """The data path is batched over trials (one gather, one normalisation for all): an extra trial adds
+    only its three random draws (crop rows, crop columns, flips: from its own generator) with the
+    flips' cast to bool, and its two masking ops; nothing else grows with the number of trials."""
+    work = {}
+    for seeds in ("0,1,2", "0,1,2,3,4"):
+        configs = parse_configs([*TINY, "--data", str(tiny_cifar), "--train-subset", "100", "--test-subset", "20",
+                                 "--seeds", seeds, "--out", str(tmp_path / f"{len(seeds)}-{{seed}}")])
+        trainer = Trainer(configs)
+        trainer.start_epoch(0)
+        trainer.step(0, 0)
+        with record_work() as work[seeds]:
+            trainer.step(0, 1)
+    extra = work["0,1,2,3,4"].ops - work["0,1,2"].ops
+    assert extra == collections.Counter({"aten.randint": 3 * 2, "aten._to_copy": 2, "aten._foreach_mul_": 2 * 2})
+    assert not work["0,1,2"].ops - work["0,1,2,3,4"].ops

@@ -15,7 +15,7 @@ the source's sha256; when that directory is not writable the cache goes to
 ``$BLOCKDPR_CACHE`` or ``~/.cache/blockdpr``.
 
 Training keeps the whole uint8 dataset on the device and augments batches
-there with :func:`augment` (vectorised: reflect padding, random crop, random
+there with :func:`augment` / :func:`augment_trials` (vectorised: reflect padding, random crop, random
 horizontal flip, normalisation).  Images are returned as float32
 ``[B, 3, 32, 32]`` in channels_last memory format.
 
@@ -25,7 +25,7 @@ One module per job: :mod:`.dataset` (constants, :class:`CIFAR10`, :class:`DataEr
 :mod:`.cache` (decode-once cache), :mod:`.load` (:func:`load_cifar10`) and :mod:`.augmentation`.
 """
 
-from .augmentation import augment, epoch_permutation, normalize
+from .augmentation import augment, augment_trials, epoch_permutation, normalize
 from .dataset import (
     BATCH_DIR_NAME,
     BUNDLED_DESCRIPTION,
@@ -53,6 +53,6 @@ from .sources import default_data_path
 __all__ = [
     "BATCH_DIR_NAME", "BUNDLED_DESCRIPTION", "BUNDLED_NAME", "BUNDLED_SHA256", "CIFAR10", "CIFAR10_MEAN",
     "CIFAR10_STD", "CIFAR10_TAR_MD5", "CIFAR10_TAR_NAME", "CIFAR10_URL", "CLASSES", "IMAGE_SHAPE", "META_FILE",
-    "OFFICIAL_DESCRIPTION", "REPO_ROOT", "TEST_BATCH", "TRAIN_BATCHES", "DataError", "augment",
+    "OFFICIAL_DESCRIPTION", "REPO_ROOT", "TEST_BATCH", "TRAIN_BATCHES", "DataError", "augment", "augment_trials",
     "default_data_path", "download_cifar10", "epoch_permutation", "load_cifar10", "normalize",
 ]

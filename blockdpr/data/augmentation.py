@@ -26,8 +26,15 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     in channels_last memory format (on the input's device)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    inv_std = 1.0 / torch.tensor(CIFAR10_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return _normalized(images)
+
+
+def _normalized(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3k]`` (k images side by side along channels) -> float32 ``[B, 3k, H, W]``
+    channels_last, every RGB triple normalised as :func:`normalize` does."""
+    k = images.shape[-1] // 3
+    mean = torch.tensor(CIFAR10_MEAN * k, dtype=torch.float32, device=images.device).view(1, 3 * k, 1, 1)
+    inv_std = 1.0 / torch.tensor(CIFAR10_STD * k, dtype=torch.float32, device=images.device).view(1, 3 * k, 1, 1)
     # permute of a contiguous NHWC tensor already has channels_last strides
     x = images.permute(0, 3, 1, 2).float()
     return ((x - mean) * inv_std).contiguous(memory_format=torch.channels_last)
@@ -56,17 +63,34 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != IMAGE_SHAPE:
         raise ValueError(f"expected uint8 [B, 32, 32, 3], got {images.dtype} {tuple(images.shape)}")
-    b, h, w, _ = images.shape
+    return augment_trials(images[None], [generator])
+
+
+def augment_trials(images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """:func:`augment` of T trials' batches at once, the input of a stacked model.
+
+    uint8 ``[T, B, 32, 32, 3]`` -> float32 ``[B, T * 3, 32, 32]`` (channels_last): channels 3t..3t+2
+    hold ``augment(images[t], generators[t])`` exactly. Each trial draws its crops and flips from
+    its own generator (its data never depends on the trials beside it); the gather, the layout
+    change and the normalisation are one op each for all trials.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 5 or tuple(images.shape[2:]) != IMAGE_SHAPE:
+        raise ValueError(f"expected uint8 [T, B, 32, 32, 3], got {images.dtype} {tuple(images.shape)}")
+    if len(generators) != images.shape[0]:
+        raise ValueError(f"expected one generator per trial ({images.shape[0]}), got {len(generators)}")
+    trials, b, h, w, _ = images.shape
     device = images.device
-    dy, dx, flip = _augment_params(b, generator, device)
+    draws = [_augment_params(b, g, device) for g in generators]
+    dy, dx, flip = (d[0] if trials == 1 else torch.cat(d) for d in zip(*draws))  # [T * B] each
     ar_h = torch.arange(h, device=device)
     ar_w = torch.arange(w, device=device)
     # padded coordinate p = i + offset maps to source p - PAD, reflected into [0, size)
     rows = (ar_h[None, :] + dy[:, None] - _PAD).abs()
-    rows = torch.where(rows > h - 1, 2 * (h - 1) - rows, rows)  # [B, 32]
+    rows = torch.where(rows > h - 1, 2 * (h - 1) - rows, rows)  # [T * B, 32]
     cols = (ar_w[None, :] + dx[:, None] - _PAD).abs()
-    cols = torch.where(cols > w - 1, 2 * (w - 1) - cols, cols)  # [B, 32]
+    cols = torch.where(cols > w - 1, 2 * (w - 1) - cols, cols)  # [T * B, 32]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch_idx = torch.arange(b, device=device)[:, None, None]
-    out = images[batch_idx, rows[:, :, None], cols[:, None, :]]  # uint8 [B, 32, 32, 3]
-    return normalize(out)
+    batch_idx = torch.arange(trials * b, device=device)[:, None, None]
+    out = images.reshape(trials * b, h, w, 3)[batch_idx, rows[:, :, None], cols[:, None, :]]  # uint8 [T * B, 32, 32, 3]
+    side_by_side = out.view(trials, b, h, w, 3).permute(1, 2, 3, 0, 4).reshape(b, h, w, trials * 3)
+    return _normalized(side_by_side)
