@@ -119,8 +119,10 @@ class Work:
     ``syncs`` counts what makes the host wait for the device: a tensor read as a Python number
     (``"item"``: ``.item()``, ``bool()``, ``int()``, ``float()``), ``"tolist"`` and ``"numpy"`` (each
     counted even on a CPU tensor, so CPU tests see what a GPU run would wait for), a copy from a
-    GPU to the CPU (``"to_cpu"``), and ops whose output size depends on tensor values
-    (``"aten.nonzero"``, ...)."""
+    GPU to the CPU (``"to_cpu"``), a tensor made from host data (``"from_host"``: ``torch.tensor``,
+    ``torch.as_tensor``; on a GPU a blocking copy, which waits for the stream and cannot be
+    captured in a CUDA graph; counted on CPU too), and ops whose output size depends on tensor
+    values (``"aten.nonzero"``, ...)."""
     ops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     launches: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     syncs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -144,6 +146,8 @@ class _OpCounter(TorchDispatchMode):
             self.work.ops[name] += 1
         if name == "aten._local_scalar_dense":
             self.work.syncs["item"] += 1
+        elif name == "aten.lift_fresh":  # torch.tensor / as_tensor of host data: a blocking copy to a GPU
+            self.work.syncs["from_host"] += 1
         elif name in _VALUE_SIZED_OPS and kwargs.get("output_size") is None:  # repeat_interleave may be told it
             self.work.syncs[name] += 1
         elif name in ("aten._to_copy", "aten.copy_") and _to_cpu(func, args, kwargs):

@@ -51,6 +51,16 @@ def test_first_largest_marks_the_first_maximum_among_the_chosen_entries(sizes, d
         assert torch.equal(seg_marked, expected)
 
 
+def test_joined_segments_equal_segments_of_all_sizes_and_need_no_host_data():
+    parts = [Segments([3, 1]), Segments([4]), Segments([2, 5])]
+    with record_work() as work:
+        joined = Segments.joined(parts)
+    whole = Segments([3, 1, 4, 2, 5])
+    assert not work.syncs and joined.sizes == whole.sizes and joined.total == 15
+    for name in ("ids", "starts", "size_tensor"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+
+
 def test_counting_several_flag_vectors_at_once_equals_counting_each():
     seg = Segments([3, 1, 4])
     flags = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -265,7 +275,7 @@ def test_reallocating_several_trials_together_equals_each_alone():
     together_reallocators = reallocators()
     with record_work() as work:
         together = reallocate_together(together_reallocators, *zip(*inputs), step=11)
-    assert work.syncs == collections.Counter({"numpy": 1}) and work.ops["aten.sort"] == 2
+    assert work.syncs == collections.Counter({"numpy": 1, "from_host": 1}) and work.ops["aten.sort"] == 2
     for a, b, r in zip(alone, together, together_reallocators):
         assert torch.equal(a.survived, b.survived) and torch.equal(a.regrown, b.regrown)
         assert (a.pruned_per_tensor.tolist(), a.regrown_per_tensor.tolist()) == (b.pruned_per_tensor.tolist(),

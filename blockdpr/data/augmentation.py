@@ -3,6 +3,7 @@ crop / flip of a batch, each vectorised over the batch and seeded by explicit ge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -33,11 +34,19 @@ def _normalized(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, H, W, 3k]`` (k images side by side along channels) -> float32 ``[B, 3k, H, W]``
     channels_last, every RGB triple normalised as :func:`normalize` does."""
     k = images.shape[-1] // 3
-    mean = torch.tensor(CIFAR10_MEAN * k, dtype=torch.float32, device=images.device).view(1, 3 * k, 1, 1)
-    inv_std = 1.0 / torch.tensor(CIFAR10_STD * k, dtype=torch.float32, device=images.device).view(1, 3 * k, 1, 1)
+    mean, inv_std = _channel_constants(images.device)
     # permute of a contiguous NHWC tensor already has channels_last strides
-    x = images.permute(0, 3, 1, 2).float()
-    return ((x - mean) * inv_std).contiguous(memory_format=torch.channels_last)
+    x = images.permute(0, 3, 1, 2).float().unflatten(1, (k, 3))  # [B, k, 3, H, W]
+    return ((x - mean) * inv_std).flatten(1, 2).contiguous(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and 1 / std, float32 [3, 1, 1] on `device`, made once per device: a tensor
+    made from host data is a blocking copy on a GPU (it waits for the stream), and a CUDA graph
+    cannot capture it."""
+    mean = torch.tensor(CIFAR10_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+    return mean, 1.0 / torch.tensor(CIFAR10_STD, dtype=torch.float32, device=device).view(3, 1, 1)
 
 
 _PAD = 4

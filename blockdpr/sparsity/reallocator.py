@@ -124,6 +124,18 @@ class Reallocator:
         return split_regrowth(l, free + k if with_pruned else free, total_pruned, rng), with_pruned
 
 
+_JOINT_SEGMENTS: dict[tuple, Segments] = {}  # (sizes of every tensor, device) -> their Segments, end to end
+
+
+def _joint_segments(reallocators: list[Reallocator]) -> Segments:
+    """The segments of several reallocators end to end: joined on the device, once per set of sizes."""
+    parts = [r.segments for r in reallocators]
+    key = (tuple(n for p in parts for n in p.sizes), parts[0].device)
+    if key not in _JOINT_SEGMENTS:
+        _JOINT_SEGMENTS[key] = Segments.joined(parts)
+    return _JOINT_SEGMENTS[key]
+
+
 class NonFiniteWeights(FloatingPointError):
     """A reallocation saw NaN or infinite scores; `trials` indexes the reallocators that did."""
 
@@ -144,15 +156,14 @@ def reallocate_together(reallocators: list[Reallocator], scores: list[torch.Tens
     for r, sc, m in zip(reallocators, scores, masks, strict=True):
         r._check(sc, m)
     one = len(reallocators) == 1
-    seg = reallocators[0].segments if one else Segments([n for r in reallocators for n in r.segments.sizes],
-                                                        scores[0].device)
+    seg = reallocators[0].segments if one else _joint_segments(reallocators)
     score, mask = (scores[0], masks[0]) if one else (torch.cat(scores), torch.cat(masks))
     thresholds = [r.threshold for r in reallocators]
     if one:
         threshold = thresholds[0]
-    else:  # each unit's own trial's H, in the scores' dtype (as a Python float is compared)
-        per_tensor = [h for r, h in zip(reallocators, thresholds) for _ in r.segments.sizes]
-        threshold = torch.tensor(per_tensor, dtype=score.dtype, device=score.device)[seg.ids]
+    else:  # each unit's own trial's H, in the scores' dtype (as a Python float is compared); no host copy
+        threshold = torch.cat([torch.full((r.segments.total,), h, dtype=score.dtype, device=score.device)
+                               for r, h in zip(reallocators, thresholds)])
 
     # 1. Prune below H; keep the strongest unit of any tensor that would be emptied.
     survived = mask & (score >= threshold)

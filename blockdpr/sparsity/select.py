@@ -25,6 +25,19 @@ class Segments:
         self.ids = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), size_t,
                                            output_size=self.total)  # int64 [n]; the size given: no host sync
 
+    @classmethod
+    def joined(cls, parts: list["Segments"]) -> "Segments":
+        """Several Segments end to end, made from their device tensors: unlike the constructor, no
+        tensor from host data (on a GPU, a blocking copy)."""
+        seg = cls.__new__(cls)
+        seg.sizes = [n for p in parts for n in p.sizes]
+        seg.device = parts[0].device
+        seg.size_tensor = torch.cat([p.size_tensor for p in parts])
+        seg.starts = torch.cumsum(seg.size_tensor, 0) - seg.size_tensor
+        shifts = [sum(len(p) for p in parts[:i]) for i in range(len(parts))]
+        seg.ids = torch.cat([p.ids + shift for p, shift in zip(parts, shifts)])
+        return seg
+
     @property
     def total(self) -> int:
         return int(sum(self.sizes))
