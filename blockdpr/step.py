@@ -29,6 +29,9 @@ from .distributed import Distributed
 from .sparsity import SparseStructure
 from .stacked import StackedWideResNet, link_grads, per_trial_cross_entropy, stacked_input
 
+# AUTOCAST: bf16 autocast runs without its cast cache, as torch requires of autocast in CUDA graphs
+# (make_graphed_callables refuses the cache); a weight is cast once per forward either way.
+
 
 class StaticCall:
     """Calls `fn(*tensors)` eagerly, on static copies of the tensors, or as one CUDA graph per input
@@ -104,7 +107,7 @@ class TrainStep:
 
     def compute(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The step itself on x float [B, T * 3, 32, 32] and y int64 [B, T]."""
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=False):  # see AUTOCAST
             logits = self.net(x)  # [B, T, classes]
         losses = per_trial_cross_entropy(logits, y)  # [T]; the sum's gradient is each trial's own
         self.optimizer.zero_grad(set_to_none=False)  # keep the gradient tensors: trials' views of them stay valid
@@ -159,7 +162,7 @@ class Evaluation:
 
     def compute(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One test batch: images uint8 [B, 32, 32, 3], labels int64 [B], into the accumulators."""
-        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.amp):
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.amp, cache_enabled=False):  # see AUTOCAST
             logits = self.net(stacked_input([data_lib.normalize(images)] * self.trials))  # [B, T, classes]
         y = labels[:, None].expand(-1, self.trials)
         self.loss_sum += per_trial_cross_entropy(logits, y, reduction="sum")
