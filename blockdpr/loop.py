@@ -1,9 +1,10 @@
 """The training loop as named parts: setup (Trainer()), one step, end of epoch, finish.
 
 `Trainer(configs).run()` trains T >= 1 trials together (one stacked model, blockdpr/stacked.py;
-T = 1 is an ordinary run; they share every setting but config.PER_TRIAL: seed, mode, sparsity...) and returns their summaries, or Nones when
---stop-after stopped it (checkpointed). All randomness is a function of (seed, epoch or step), so
-a run resumed from any checkpoint continues exactly as if it had never stopped.
+T = 1 is an ordinary run; they share every setting but config.PER_TRIAL: seed, mode, sparsity...)
+and returns their summaries, or Nones when --stop-after stopped it (checkpointed). All randomness
+is a function of (seed, epoch or step), so a run resumed from any checkpoint continues exactly as
+if it had never stopped.
 
 Stopping: SIGINT, SIGTERM and SIGHUP are caught while training; the loop checkpoints at the next
 step and raises Stopped (the CLI prints how to resume and exits 128 + the signal number). A

@@ -7,8 +7,9 @@ gradually, Zhu & Gupta); and the dense reference), runs what is missing, skips w
 resumes what was interrupted (each run is a run directory of blockdpr.train), in dependency
 order (reinit / orig-init after their DPR run, gmp after its dense run). Runs on the same
 schedule that are at the same point are trained together in one process (--trials-per-process),
-as one stacked model (blockdpr/stacked.py), whatever their condition (gmp only with gmp runs). Then it aggregates the run directories into a table
-(mean +- std over trials, n) and the figures (--results).
+as one stacked model (blockdpr/stacked.py), whatever their condition (gmp only with gmp runs).
+Then it aggregates the run directories into a table (mean +- std over trials, n) and the
+figures (--results).
 
 Trial k of every condition uses seed k (--first-seed + k): DPR, its stopped variants, static
 and orig-init of one seed start from the same initial values (reinit draws new ones), and

@@ -83,9 +83,14 @@ def remove_stale_temps(directory: str | Path, older_than: float = 0.0) -> list[P
     if not directory.is_dir():
         return []
     cutoff = time.time() - older_than
-    stale = [p for p in directory.glob(f".*{TEMP_SUFFIX}") if p.is_file() and p.stat().st_mtime <= cutoff]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    stale = []
+    for p in directory.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            if p.is_file() and p.stat().st_mtime <= cutoff:
+                p.unlink(missing_ok=True)
+                stale.append(p)
+        except FileNotFoundError:  # another process renamed or removed it meanwhile
+            continue
     return stale
 
 

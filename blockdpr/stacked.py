@@ -1,8 +1,8 @@
 """Several trials trained together in one process: a stacked WRN.
 
 WRN-28-2 is far too small to fill a large GPU, so trials on the same schedule (different seeds,
-and possibly different modes and sparsities: their masks are per trial) are trained as one model: T copies of WRN-d-k placed
-side by side along the channel axis.
+and possibly different modes and sparsities: their masks are per trial) are trained as one
+model: T copies of WRN-d-k placed side by side along the channel axis.
 
 - every conv becomes a grouped conv with groups=T: weight [T * C_out, C_in, kh, kw], and
   output channels t * C_out .. (t + 1) * C_out see only input channels of trial t, so rows

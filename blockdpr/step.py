@@ -128,9 +128,9 @@ class TrainStep:
     def take_accumulators(self) -> tuple[list[float], list[int]]:
         """The accumulators summed over ranks, as Python numbers (one host sync), then zeroed."""
         self.dist.sum_(self.loss_sum), self.dist.sum_(self.correct)
-        values = self.loss_sum.tolist(), self.correct.tolist()
+        losses, correct = torch.stack([self.loss_sum, self.correct.double()]).tolist()  # counts < 2**53: exact
         self.loss_sum.zero_(), self.correct.zero_()
-        return values
+        return losses, [int(c) for c in correct]
 
 
 class Evaluation:
@@ -138,7 +138,8 @@ class Evaluation:
 
     images uint8 [N, 32, 32, 3], labels int64 [N], on the model's device; batches of `batch_size`
     run eagerly, on static buffers, or as CUDA graphs (see StaticCall), in eval mode without
-    gradients. Accumulators: loss_sum float64 [T], correct int64 [T].
+    gradients. Accumulators: loss_sum float64 [T], correct int64 [T]. A captured evaluation keeps its
+    graph's memory for the run: the activations of one batch of batch_size x T images.
     """
 
     def __init__(self, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, trials: int,
@@ -157,8 +158,8 @@ class Evaluation:
             for i in range(0, len(self.images), self.batch_size):
                 self.call(self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size])
         self.net.train()
-        n = len(self.images)
-        return (self.loss_sum / n).tolist(), (self.correct.double() / n).tolist()
+        losses, accuracies = (torch.stack([self.loss_sum, self.correct.double()]) / len(self.images)).tolist()
+        return losses, accuracies
 
     def compute(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One test batch: images uint8 [B, 32, 32, 3], labels int64 [B], into the accumulators."""

@@ -81,6 +81,7 @@ class Reallocator:
         self.config = config
         self.seed = int(seed)
         self.threshold = float(config.initial_threshold)
+        self._joined: dict[tuple[int, ...], Segments] = {}  # joined_segments, by the sizes of every tensor
 
     def state_dict(self) -> dict:
         """{"threshold": H}: what a checkpoint needs to continue exactly."""
@@ -100,7 +101,8 @@ class Reallocator:
         """
         return reallocate_together([self], [scores], [mask], step)[0]
 
-    def _check(self, scores: torch.Tensor, mask: torch.Tensor) -> None:
+    def check_inputs(self, scores: torch.Tensor, mask: torch.Tensor) -> None:
+        """ValueError / TypeError unless scores is float [n] and mask bool [n] over this reallocator's units."""
         total = self.segments.total
         if scores.shape != (total,) or mask.shape != (total,):
             raise ValueError(
@@ -109,10 +111,11 @@ class Reallocator:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
 
-    def _adapt_and_split(self, k: np.ndarray, l: np.ndarray, free: np.ndarray, step: int) -> tuple[np.ndarray, bool]:
-        """Steps 2 and 3 on the host, from the per-tensor counts: move H (this affects the next
-        reallocation), then split K over the tensors. Returns (r_i, whether the just-pruned units
-        must be eligible for regrowth: only at very high density, where the free ones do not suffice)."""
+    def adapt_and_split(self, k: np.ndarray, l: np.ndarray, free: np.ndarray, step: int) -> tuple[np.ndarray, bool]:
+        """Steps 2 and 3 on the host, from the per-tensor counts k_i, l_i and free units: move H (this
+        affects the next reallocation), then split K over the tensors. Returns (r_i int64 [tensors],
+        whether the just-pruned units are eligible for regrowth: only at very high density, where the
+        free ones do not suffice)."""
         total_pruned = int(k.sum())
         cfg = self.config
         if total_pruned > (1 + cfg.tolerance) * cfg.target_pruned:
@@ -123,17 +126,14 @@ class Reallocator:
         with_pruned = free.sum() < total_pruned
         return split_regrowth(l, free + k if with_pruned else free, total_pruned, rng), with_pruned
 
-
-_JOINT_SEGMENTS: dict[tuple, Segments] = {}  # (sizes of every tensor, device) -> their Segments, end to end
-
-
-def _joint_segments(reallocators: list[Reallocator]) -> Segments:
-    """The segments of several reallocators end to end: joined on the device, once per set of sizes."""
-    parts = [r.segments for r in reallocators]
-    key = (tuple(n for p in parts for n in p.sizes), parts[0].device)
-    if key not in _JOINT_SEGMENTS:
-        _JOINT_SEGMENTS[key] = Segments.joined(parts)
-    return _JOINT_SEGMENTS[key]
+    def joined_segments(self, others: list["Reallocator"]) -> Segments:
+        """This reallocator's segments followed by `others`', built on the device once per set of sizes
+        (kept here, so they live as long as the reallocators)."""
+        parts = [self.segments] + [r.segments for r in others]
+        key = tuple(n for p in parts for n in p.sizes)
+        if key not in self._joined:
+            self._joined[key] = Segments.joined(parts)
+        return self._joined[key]
 
 
 class NonFiniteWeights(FloatingPointError):
@@ -144,6 +144,11 @@ class NonFiniteWeights(FloatingPointError):
         self.trials = trials
 
 
+def per_unit(reallocators: list[Reallocator], values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """One value per reallocator, repeated over its units and joined: [sum of units], made on the device."""
+    return torch.cat([torch.full((r.segments.total,), v, dtype=dtype, device=device) for r, v in zip(reallocators, values)])
+
+
 def reallocate_together(reallocators: list[Reallocator], scores: list[torch.Tensor], masks: list[torch.Tensor],
                         step: int) -> list[ReallocationResult]:
     """Algorithm 1 for several independent sets of tensors at once (the trials of one process):
@@ -151,19 +156,19 @@ def reallocate_together(reallocators: list[Reallocator], scores: list[torch.Tens
     random draws), with one host sync and one sort pair for all of them.
 
     scores[t]: float [n_t]; masks[t]: bool [n_t] (see Reallocator.reallocate). On non-finite scores
-    nothing changes and NonFiniteWeights names the trials.
+    nothing changes and NonFiniteWeights names the trials. A single reallocator is the common case:
+    it runs on its own tensors and segments, without joining copies.
     """
     for r, sc, m in zip(reallocators, scores, masks, strict=True):
-        r._check(sc, m)
+        r.check_inputs(sc, m)
     one = len(reallocators) == 1
-    seg = reallocators[0].segments if one else _joint_segments(reallocators)
-    score, mask = (scores[0], masks[0]) if one else (torch.cat(scores), torch.cat(masks))
-    thresholds = [r.threshold for r in reallocators]
+    device = scores[0].device
     if one:
-        threshold = thresholds[0]
-    else:  # each unit's own trial's H, in the scores' dtype (as a Python float is compared); no host copy
-        threshold = torch.cat([torch.full((r.segments.total,), h, dtype=score.dtype, device=score.device)
-                               for r, h in zip(reallocators, thresholds)])
+        seg, score, mask, threshold = reallocators[0].segments, scores[0], masks[0], reallocators[0].threshold
+    else:  # each unit compared with its own trial's H, in the scores' dtype (as a Python float is compared)
+        seg, score, mask = reallocators[0].joined_segments(reallocators[1:]), torch.cat(scores), torch.cat(masks)
+        threshold = per_unit(reallocators, [r.threshold for r in reallocators], score.dtype, device)
+    thresholds_used = [r.threshold for r in reallocators]
 
     # 1. Prune below H; keep the strongest unit of any tensor that would be emptied.
     survived = mask & (score >= threshold)
@@ -174,27 +179,26 @@ def reallocate_together(reallocators: list[Reallocator], scores: list[torch.Tens
 
     # The one host sync: per-tensor pruned, surviving, free and non-finite counts (4 x tensors ints).
     counts = seg.count(torch.stack([pruned, survived, ~mask, ~torch.isfinite(score)])).cpu().numpy()
-    bounds = np.cumsum([len(r.segments) for r in reallocators])[:-1]
-    per_trial = np.split(counts, bounds, axis=1)  # [4, tensors of trial t] each
+    per_trial = np.split(counts, np.cumsum([len(r.segments) for r in reallocators])[:-1], axis=1)  # [4, tensors]
     bad = [t for t, c in enumerate(per_trial) if c[3].any()]
     if bad:
         tensors = {t: np.flatnonzero(per_trial[t][3]).tolist() for t in bad}
-        raise NonFiniteWeights(f"non-finite (NaN or infinite) weights in sparse tensors {tensors if not one else tensors[0]}: "
+        raise NonFiniteWeights(f"non-finite (NaN or infinite) weights in sparse tensors {tensors[0] if one else tensors}: "
                                "training diverged, refusing to reallocate", bad)
 
-    # 2. and 3. on the host (H, the integer split of K), then one draw over all tensors.
-    splits = [r._adapt_and_split(k, l, free, step) for r, (k, l, free, _) in zip(reallocators, per_trial)]
-    regrow = np.concatenate([r_i for r_i, _ in splits])
+    # 2. and 3. on the host (H, the integer split of K), then one random draw per trial, one selection for all.
+    splits = [r.adapt_and_split(k, l, free, step) for r, (k, l, free, _) in zip(reallocators, per_trial)]
+    regrow_counts = [counts_i for counts_i, _ in splits]
+    with_pruned = [flag for _, flag in splits]
     eligible = ~mask
-    if any(with_pruned for _, with_pruned in splits):
-        use_survived = [w for (_, w), r in zip(splits, reallocators) for _ in r.segments.sizes]
-        eligible = torch.where(torch.tensor(use_survived, device=mask.device)[seg.ids], ~survived, eligible)
-    keys = [torch.rand(r.segments.total, generator=seeded_generator(score.device, r.seed, step), device=score.device)
+    if any(with_pruned):
+        eligible = torch.where(per_unit(reallocators, with_pruned, torch.bool, device), ~survived, eligible)
+    keys = [torch.rand(r.segments.total, generator=seeded_generator(device, r.seed, step), device=device)
             for r in reallocators]  # each trial's own draw, as if alone
     keys = (keys[0] if one else torch.cat(keys)).masked_fill(~eligible, float("inf"))
-    regrown = seg.select_smallest(keys, torch.as_tensor(regrow, device=score.device))
+    regrown = seg.select_smallest(keys, torch.as_tensor(np.concatenate(regrow_counts), device=device))
 
     sizes = [r.segments.total for r in reallocators]
-    return [ReallocationResult(s, g, c[0], r_i, h, r.threshold)
-            for s, g, c, (r_i, _), h, r in zip(survived.split(sizes), regrown.split(sizes), per_trial, splits,
-                                                 thresholds, reallocators)]
+    return [ReallocationResult(s, g, c[0], counts_i, used, r.threshold)
+            for s, g, c, counts_i, used, r in zip(survived.split(sizes), regrown.split(sizes), per_trial, regrow_counts,
+                                                    thresholds_used, reallocators)]
