@@ -21,7 +21,7 @@ PACKAGE = "blockdpr_kernels"
 # Arg names, which of them are constexpr, and the config list are read from the kernel objects.
 KERNELS: dict[str, dict[str, Any]] = {
     "fwd": dict(obj="conv._fwd_kernel",
-                pointers=dict(x_ptr="T", v_ptr="T", row_ptr="i32", col_idx="i32", bias_ptr="T", y_ptr="T"),
+                pointers=dict(x_ptr="T", v_ptr="T", row_prefix="i32", col_idx="i32", bias_ptr="T", y_ptr="T"),
                 constexprs=dict(HAS_BIAS=True)),
     "dgrad": dict(obj="conv._dgrad_kernel",
                   pointers=dict(dy_ptr="T", v_ptr="T", col_ptr="i32", col_row_idx="i32", col_perm="i32", dx_ptr="T"),
@@ -98,7 +98,8 @@ def _specialize_int(value: int) -> tuple[str, bool]:
 def build_signature(job: dict, arg_names: list[str], constexpr_names: list[str]):
     """(signature, constexprs, attrs) for ASTSource, or raises ValueError naming what is missing."""
     spec, variant, dt = KERNELS[job["kernel"]], VARIANTS[job["variant"]], DTYPES[job["dtype"]]
-    values = dict(variant["constexprs"])
+    values = dict(variant["ints"])  # geometry a kernel declares constexpr (fixed per layer)
+    values.update(variant["constexprs"])
     values.update(dt["constexprs"])
     values.update(zip(variant["block_args"], job["block"]))
     values.update(spec["constexprs"])

@@ -42,6 +42,10 @@ class BlockLayout:
         row_ptr: ``[N // bn + 1]``; blocks of block row ``n`` are packed blocks
             ``row_ptr[n] .. row_ptr[n + 1] - 1``.
         col_idx: ``[nnz]``, block column of each packed block.
+        row_prefix: ``[N // bn, K // bk + 1]``; the packed blocks of block row ``n`` in block columns
+            ``c0 .. c1 - 1`` are ``row_prefix[n, c0] .. row_prefix[n, c1] - 1`` (so ``row_prefix[:, 0]``
+            and ``row_prefix[:, -1]`` are ``row_ptr[:-1]`` and ``row_ptr[1:]``); the conv forward reads
+            one kernel tap's blocks of a row (a range of columns) from it.
         row_idx: ``[nnz]``, block row of each packed block.
         col_ptr: ``[K // bk + 1]``; column ``k`` holds entries ``col_ptr[k] .. col_ptr[k + 1] - 1``
             of the column-compressed view.
@@ -89,6 +93,8 @@ class BlockLayout:
             return t.to(device=mask.device, dtype=torch.int32)
         self.row_idx, self.col_idx = dev(rows), dev(cols)
         self.row_ptr, self.col_ptr = dev(_ptr(rows, nb)), dev(_ptr(cols, kb))
+        before = torch.nn.functional.pad(host.to(torch.int64).cumsum(1), (1, 0))  # blocks left of each column
+        self.row_prefix = dev(before + _ptr(rows, nb)[:-1, None])
         self.col_perm, self.col_row_idx = dev(order), dev(rows[order])
         self.wgrad_groups = dev(groups)
         wgrad_workspace(self.nnz * bn * bk, mask.device)  # grown here, at a reallocation, never in a call

@@ -6,7 +6,7 @@ spatial size (Triton specialises the size-1 dims to constants, so the spatial in
 folds away):
 
 * forward: dense x sparse -> dense, one program per (M tile, block row), looping over the
-  row's active blocks (row_ptr / col_idx);
+  row's active blocks (row_prefix / col_idx);
 * input gradient: dense x sparse^T -> dense, one program per (M tile, block column),
   looping over the column's active blocks (col_ptr / col_row_idx / col_perm);
 * weight gradient: sampled dense x dense -> packed, active blocks only.
@@ -26,10 +26,10 @@ def _pixels(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], 1, 1, t.shape[1])
 
 
-def forward(x, values, row_ptr, col_idx, bias, n_out: int) -> torch.Tensor:
+def forward(x, values, row_prefix, col_idx, bias, n_out: int) -> torch.Tensor:
     """``x [M, K]`` -> ``y [M, N]`` (dtype of x)."""
     y = x.new_empty(x.shape[0], n_out)
-    conv.forward(_pixels(x), values, row_ptr, col_idx, bias, _pixels(y), *_ONE,
+    conv.forward(_pixels(x), values, row_prefix, col_idx, bias, _pixels(y), *_ONE,
                  torch.backends.cuda.matmul.allow_tf32)
     return y
 

@@ -40,7 +40,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ----------------------------------------------------------------------------- custom ops
 # A layout enters every op as one list of its tensors (see BlockLayout and _layout_tensors):
-#   idx = [row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, wgrad_groups, wgrad_counters]
+#   idx = [row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, wgrad_groups, wgrad_counters, row_prefix]
 # Tensors are data, so a new layout never recompiles a kernel, and their sizes are sizes to dynamo (dynamic
 # after a reallocation), where int attributes of a module would be guarded as constants: the two ints the
 # launchers need (the weight-gradient split count and the density bucket) are the layout's functions of
@@ -61,7 +61,7 @@ def _linear(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor]
             backend: str) -> Tensor:
     grid = _grid(idx)
     if backend == "triton":
-        return matmul.forward(x, values, idx[0], idx[1], bias, grid[0] * values.shape[1])
+        return matmul.forward(x, values, idx[8], idx[1], bias, grid[0] * values.shape[1])
     return reference.linear(x, values, idx[2], idx[1], grid, bias)
 
 
@@ -134,7 +134,7 @@ def _conv2d(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor]
             kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
     if backend == "triton":
         y = _conv2d_out(x, values, idx, kernel_size, stride, padding)
-        conv.forward(_nhwc(x), values, idx[0], idx[1], bias, _nhwc(y), kernel_size, stride, padding,
+        conv.forward(_nhwc(x), values, idx[8], idx[1], bias, _nhwc(y), kernel_size, stride, padding,
                      torch.backends.cudnn.allow_tf32)
         return y
     return reference.conv2d(x, values, idx[2], idx[1], _grid(idx), kernel_size, stride, padding, bias)
@@ -268,7 +268,7 @@ def _check_common(x, values, layout, bias, backend, blocks):
 def _layout_tensors(layout: BlockLayout) -> List[Tensor]:
     """The ``idx`` list the custom ops take (order: see the custom ops section)."""
     return [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
-            layout.wgrad_groups, layout.wgrad_counters]
+            layout.wgrad_groups, layout.wgrad_counters, layout.row_prefix]
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,

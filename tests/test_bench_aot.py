@@ -39,10 +39,12 @@ BLOCK = REPRESENTATIVE_BLOCK
 def test_signature_table_errors_name_the_missing_entry():
     job = dict(kernel="fwd", variant="linear", dtype="bf16", block=[32, 32],
                config=parse_config("BLOCK_M=64,num_warps=4,num_stages=3"), config_index=None, target=90)
-    sig, const, attrs = build_signature(job, ["x_ptr", "row_ptr", "M", "H", "BN", "BLOCK_M"], ["BN", "BLOCK_M"])
-    assert sig == {"x_ptr": "*bf16", "row_ptr": "*i32", "M": "i32", "H": "constexpr", "BN": "constexpr",
+    sig, const, attrs = build_signature(job, ["x_ptr", "row_prefix", "M", "H", "BN", "BLOCK_M"], ["BN", "BLOCK_M"])
+    assert sig == {"x_ptr": "*bf16", "row_prefix": "*i32", "M": "i32", "H": "constexpr", "BN": "constexpr",
                    "BLOCK_M": "constexpr"}
     assert const == {"H": 1, "BN": 32, "BLOCK_M": 64} and (0,) in attrs and (2,) in attrs
+    # geometry a kernel declares constexpr takes the variant's value
+    assert build_signature(job, ["x_ptr", "C_IN"], ["C_IN"])[1] == {"C_IN": 4096}
     with pytest.raises(ValueError, match="NEW_ARG"):
         build_signature(job, ["x_ptr", "NEW_ARG"], [])
     with pytest.raises(ValueError, match="NEW_CONST"):

@@ -31,6 +31,9 @@ def test_layout_indices_match_loop_oracle(mask, block):
     col_view = sorted(range(len(blocks)), key=lambda i: (blocks[i][1], blocks[i][0]))
     assert layout.col_perm.tolist() == col_view
     assert layout.col_row_idx.tolist() == [blocks[i][0] for i in col_view]
+    assert layout.row_prefix.dtype == torch.int32 and layout.row_prefix.shape == (nb, kb + 1)
+    assert layout.row_prefix.tolist() == [[sum(1 for m, k in blocks if m < n or (m == n and k < c))
+                                           for c in range(kb + 1)] for n in range(nb)]
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
