@@ -63,8 +63,9 @@ _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _configs())
 def _cost(kernel: str, config, bn: int, bk: int, elem_bytes: int, hopper: bool) -> tuple[float, int]:
     """(register pressure, shared memory bytes) of a config, calibrated on ``python -m bench.aot``.
 
-    Pressure: fp32 accumulator elements per thread (plus, for wgrad, the gathered operand elements
-    it holds in registers), weighted by the operand size (more on Ampere, whose mma.sync keeps the
+    Pressure: fp32 accumulator elements per thread (plus, for wgrad, its operand tiles per thread:
+    conservative since its gathered operand is copied by cp.async and no longer held in registers,
+    39-57 registers in the AOT report), weighted by the operand size (more on Ampere, whose mma.sync keeps the
     operands in registers). Shared memory: ``num_stages`` (Hopper) or ``num_stages - 1`` (Ampere)
     copies of the operand tiles.
     """
