@@ -5,7 +5,7 @@ of DEVICES, and the time is the largest (``bound`` names it):
 
 - compute: FLOPs / peak tensor throughput;
 - memory: the minimum HBM bytes (activations in / out once, packed weights, int32 index arrays) / bandwidth;
-- l2: the operand bytes staged from L2 into shared memory / the rate the gathers reach (``l2_rate``). A
+- l2: the operand bytes staged from L2 into shared memory / the rate the gathers reached (``l2_rate``). A
   gather re-reads its input tile for every active block, so a 32-wide output tile feeds
   ``tile_intensity(128, 32)`` = 25.6 FLOP per staged byte, against 85 for a dense 128x256 tile; this, not
   HBM, is what bounds a sparse layer, and block 64 roughly doubles the reuse (42.7);
@@ -93,17 +93,18 @@ class LinearShape:
 
 # Per device: peak dense tensor-core FLOP/s per math type (no 2:4 sparsity), HBM bandwidth (B/s), and the
 # two rates of the gather-aware terms. l2_rate: operand bytes per second from L2 into the SMs' shared memory
-# that the block-sparse kernels reach, 6.0e12 on the H200 (the block-32 forward of conv 640 at 90%: its
-# 472 MB of staged operands in 0.0779 ms, bench/results/nvidia-h200-20261128-before/profile.log; tests
-# check the derivation); taken as the same on the H100 (same die, L2 and clocks) and scaled by SMs x clock
-# for the A100. It is what the gather reaches, not the L2's limit: cuDNN's dense tiles moved ~8 TB/s in
-# the same run. sms and clock (boost, Hz) give the instruction-issue cap (ISSUE_PER_SM_CLOCK).
+# that the block-sparse kernels have reached: on the H200 9.0e12, the most any block-sparse forward of the
+# 2026-11-28 throughput run reached (linear 4096, block 32, 50%: 8.97 TB/s through the public op; tests
+# check that no measured time beats the model). The conv 640 block-32 forward at 90% reached 6.0 TB/s in
+# the kernel-only timing of profile.log, and ceilings at that rate are 1.5x lower. Taken as the same on the
+# H100 (same die, L2 and clocks) and scaled by SMs x clock for the A100. sms and clock (boost, Hz) give the
+# instruction-issue cap (ISSUE_PER_SM_CLOCK).
 DEVICES: dict[str, dict[str, Any]] = {
-    "h100-sxm": dict(name="H100 SXM", bandwidth=3.35e12, l2_rate=6.0e12, sms=132, clock=1.98e9,
+    "h100-sxm": dict(name="H100 SXM", bandwidth=3.35e12, l2_rate=9.0e12, sms=132, clock=1.98e9,
                      flops=dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12)),
-    "h200": dict(name="H200", bandwidth=4.8e12, l2_rate=6.0e12, sms=132, clock=1.98e9,
+    "h200": dict(name="H200", bandwidth=4.8e12, l2_rate=9.0e12, sms=132, clock=1.98e9,
                  flops=dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12)),
-    "a100-sxm": dict(name="A100 SXM", bandwidth=2.039e12, l2_rate=6.0e12 * (108 * 1.41) / (132 * 1.98), sms=108,
+    "a100-sxm": dict(name="A100 SXM", bandwidth=2.039e12, l2_rate=9.0e12 * (108 * 1.41) / (132 * 1.98), sms=108,
                      clock=1.41e9, flops=dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
 }
 ELEMENT_BYTES = dict(bf16=2, fp16=2, tf32=4, fp32=4)
@@ -174,9 +175,10 @@ def _as_dtype(dtype) -> str:
     return name
 
 
-def _model(op: str, shape, nnz_elems: int, index_bytes: int, dtype: str, device: str, staged=None) -> dict:
+def _model(op: str, shape, nnz_elems: int, index_bytes: int, dtype: str, device: str, staged=None,
+           l2_rate: float | None = None) -> dict:
     """The roofline terms of one launch; ``staged`` = (L2->SM bytes, warp instructions) of a gather kernel
-    (None for the dense library: see dense_prediction)."""
+    (None for the dense library: see dense_prediction); ``l2_rate`` overrides the device's."""
     op, shape, dtype = _as_op(op), _as_shape(shape), _as_dtype(dtype)
     dev = _device(device)
     m, n, _ = shape.gemm
@@ -188,7 +190,7 @@ def _model(op: str, shape, nnz_elems: int, index_bytes: int, dtype: str, device:
     terms = dict(compute=flops / dev["flops"][dtype], memory=moved / dev["bandwidth"])
     l2_bytes, instructions = staged if staged else (None, None)
     if staged:
-        terms.update(l2=l2_bytes / dev["l2_rate"], issue=instructions / (dev["sms"] * ISSUE_PER_SM_CLOCK * dev["clock"]))
+        terms.update(l2=l2_bytes / (l2_rate or dev["l2_rate"]), issue=instructions / (dev["sms"] * ISSUE_PER_SM_CLOCK * dev["clock"]))
     bound = max(terms, key=terms.get)
     return dict(op=op, shape=shape.describe(), dtype=dtype, device=device, flops=flops, bytes=moved,
                 intensity=flops / moved if moved else 0.0, l2_bytes=l2_bytes, instructions=instructions,
@@ -245,7 +247,8 @@ def staged_traffic(op: str, m: int, nnz: int, rows: int, block, dtype="bf16", *,
     return l2_bytes, instructions
 
 
-def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm") -> dict:
+def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm",
+            l2_rate: float | None = None) -> dict:
     """Roofline prediction for one block-sparse kernel launch.
 
     op: "fwd" | "dgrad" | "wgrad" (aliases forward / grad_input / grad_weight, "linear_"/"conv_" prefix ok).
@@ -257,7 +260,7 @@ def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str 
     intensity, l2_intensity, nnz, density, ...): bytes = the HBM minimum (activations read / written once,
     packed weights or their gradient, the int32 index arrays the op reads); l2_bytes and instructions from
     :func:`staged_traffic`; seconds = the largest of flops / peak, bytes / bandwidth, l2_bytes / l2_rate and
-    instructions / issue rate, bound = which.
+    instructions / issue rate, bound = which. ``l2_rate`` (B/s) overrides the device's.
     """
     shape = _as_shape(shape)
     op = _as_op(op)
@@ -267,7 +270,7 @@ def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str 
              "dgrad": (cols + 1) + 2 * nnz,      # col_ptr, col_row_idx, col_perm
              "wgrad": 2 * nnz}[op]               # row_idx, col_idx
     staged = staged_traffic(op, shape.gemm[0], nnz, rows, (bn, bk), dtype, device=device)
-    out = _model(op, shape, nnz * bn * bk, INDEX_BYTES * index, dtype, device, staged)
+    out = _model(op, shape, nnz * bn * bk, INDEX_BYTES * index, dtype, device, staged, l2_rate)
     out.update(nnz=nnz, blocks=rows * cols, density=nnz / (rows * cols), block=[bn, bk])
     return out
 
@@ -275,8 +278,8 @@ def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str 
 def dense_prediction(op: str, shape, dtype="bf16", *, device: str = "h100-sxm") -> dict:
     """Roofline prediction for the dense op (cuBLAS / cuDNN): full weight, no indices, bound by compute or
     HBM only. Its DENSE_TILE operands feed tile_intensity(*DENSE_TILE) = 85 FLOP per staged byte (given as
-    ``l2_bytes`` / ``l2_intensity``), 3.3x the block-32 gather's, and cuDNN measured 8 TB/s of them: the
-    gathers' l2_rate does not bound it, so no L2 or issue term is applied."""
+    ``l2_bytes`` / ``l2_intensity``), 3.3x the block-32 gather's (cuDNN moved 8 TB/s of them on the H200,
+    at 69% of peak): the L2 does not bound it first, so no L2 or issue term is applied."""
     shape = _as_shape(shape)
     m, n, k = shape.gemm
     out = _model(op, shape, n * k, 0, dtype, device)
@@ -287,12 +290,12 @@ def dense_prediction(op: str, shape, dtype="bf16", *, device: str = "h100-sxm") 
 
 
 def speedup_ceiling(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm",
-                    dense_seconds: float | None = None) -> float:
+                    dense_seconds: float | None = None, l2_rate: float | None = None) -> float:
     """The best speedup the model allows: the dense time / predicted block-sparse time. The dense time is
     ``dense_seconds`` when given (cuDNN / cuBLAS as measured: "x cuDNN"), else the dense roofline (an
     ideal library at peak, so this ceiling is the lower of the two)."""
     dense = dense_prediction(op, shape, dtype, device=device)["seconds"] if dense_seconds is None else dense_seconds
-    return dense / predict(op, shape, density, block, dtype, device=device)["seconds"]
+    return dense / predict(op, shape, density, block, dtype, device=device, l2_rate=l2_rate)["seconds"]
 
 
 def roofline_fraction(measured_seconds: float, prediction: dict) -> float:
