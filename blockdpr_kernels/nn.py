@@ -56,28 +56,32 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _one_int(value) -> int | None:
+    """The int of an int or of a pair of equal ints (a conv's stride / padding), else None."""
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    ok = len(pair) == 2 and pair[0] == pair[1] and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    return pair[0] if ok else None
+
+
 def _conv_padding(padding, kernel: tuple[int, int], stride: int) -> int:
     """One int padding from an int, an equal pair, ``"valid"`` or ``"same"`` (odd kernels, stride 1)."""
     if padding == "valid":
         return 0
     if padding == "same":
-        if stride != 1 or kernel[0] % 2 == 0 or kernel[1] % 2 == 0 or kernel[0] != kernel[1] \
-                or (kernel[0] - 1) // 2 not in CONV_PADDINGS:
+        if stride != 1 or kernel[0] != kernel[1] or kernel[0] % 2 == 0 or (kernel[0] - 1) // 2 not in CONV_PADDINGS:
             raise ValueError(f"padding='same': supported for square odd kernels whose half width is in "
                              f"{CONV_PADDINGS} (1x1, 3x3) at stride 1, got kernel {kernel} at stride {stride}")
         return (kernel[0] - 1) // 2
-    pair = (padding, padding) if isinstance(padding, int) else tuple(padding)
-    if len(pair) != 2 or pair[0] != pair[1] or pair[0] not in CONV_PADDINGS:
+    if _one_int(padding) not in CONV_PADDINGS:
         raise ValueError(f"padding: expected {' or '.join(map(str, CONV_PADDINGS))} on both axes, 'valid', or "
                          f"'same' (1x1 / 3x3 kernels at stride 1), got {padding!r}")
-    return pair[0]
+    return _one_int(padding)
 
 
 def _conv_stride(stride) -> int:
-    pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    if len(pair) != 2 or pair[0] != pair[1] or pair[0] not in CONV_STRIDES:
+    if _one_int(stride) not in CONV_STRIDES:
         raise ValueError(f"stride: expected {' or '.join(map(str, CONV_STRIDES))} on both axes, got {stride!r}")
-    return pair[0]
+    return _one_int(stride)
 
 
 def _check_tiles(block: tuple[int, int], n: int, k: int, n_name: str, k_name: str, what: str) -> None:

@@ -125,6 +125,10 @@ BAD = [
     (ValueError, "stride: expected 1 or 2 on both axes, got \\(3, 3\\)",
      lambda: BlockSparseConv2d.from_dense(nn.Conv2d(32, 32, 3, stride=3), density=0.5)),
     (ValueError, "stride: expected 1 or 2", lambda: BlockSparseConv2d(32, 32, 3, _layout(32, 288), stride=3)),
+    (ValueError, "stride: expected 1 or 2 on both axes, got 1.5",
+     lambda: BlockSparseConv2d(32, 32, 3, _layout(32, 288), stride=1.5)),
+    (ValueError, r"padding: expected 0 or 1 on both axes, 'valid', or 'same' \(1x1 / 3x3 kernels at stride 1\), "
+                 r"got \(1, 0\)", lambda: BlockSparseConv2d(32, 32, 3, _layout(32, 288), padding=(1, 0))),
     (ValueError, "padding: expected 0 or 1 on both axes",
      lambda: BlockSparseConv2d.from_dense(nn.Conv2d(32, 32, 5, padding=2), density=0.5)),
     (ValueError, r"padding='same': supported for square odd kernels whose half width is in \(0, 1\) \(1x1, 3x3\) "
