@@ -161,7 +161,7 @@ def print_compile(console, rows: list[dict], summary: list[dict], which: str = "
 
 
 def _loop_cell(loop: dict | None) -> str:
-    """``min-max; 201 for 4 MMA at BM128; LDG+LDGSTS; div`` for the summary table."""
+    """``min-max; 92 for 4 MMA at BM128 w4 s2; LDG+LDGSTS; runtime division`` for the summary table."""
     if not loop:
         return "-"
     cell = (f"{loop['min']}-{loop['max']}; {loop['largest_tile_instructions']} for {loop['largest_tile_mma']} MMA "

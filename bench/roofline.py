@@ -1,12 +1,23 @@
-"""The roofline performance model of the block-sparse kernels and their dense peers.
+"""The roofline performance model of the block-sparse kernels and their dense peers, gather-aware.
 
-For each op (forward, input gradient, weight gradient): FLOPs and the minimum bytes moved
-(activations in / out once, packed weights, int32 index arrays); time = max(FLOPs / peak,
-bytes / bandwidth) on a device of DEVICES; the speedup ceiling = predicted dense / predicted
-block-sparse time. Pure python (no torch or triton needed):
+For each op (forward, input gradient, weight gradient) of a block-sparse layer, four limits on a device
+of DEVICES, and the time is the largest (``bound`` names it):
+
+- compute: FLOPs / peak tensor throughput;
+- memory: the minimum HBM bytes (activations in / out once, packed weights, int32 index arrays) / bandwidth;
+- l2: the operand bytes staged from L2 into shared memory / the rate the gathers reached (``l2_rate``). A
+  gather re-reads its input tile for every active block, so a 32-wide output tile feeds
+  ``tile_intensity(128, 32)`` = 25.6 FLOP per staged byte, against 85 for a dense 128x256 tile; this, not
+  HBM, is what bounds a sparse layer, and block 64 roughly doubles the reuse (42.7);
+- issue: the inner loops' instructions / (SMs x 4 schedulers x clock).
+
+The dense op (cuDNN / cuBLAS) is modelled at its compute / HBM roofline. The speedup ceiling is dense time
+/ predicted block-sparse time: against the dense roofline (:func:`speedup_ceiling`), or against cuDNN /
+cuBLAS as measured (``dense_seconds=``, what bench/roofline_plot.py draws). Pure python (no torch or
+triton needed):
 
     from bench.roofline import predict, dense_prediction, ConvShape
-    predict("fwd", ConvShape(256, 640, 640, 8, 8), density=0.1, block=32, dtype="bf16")
+    predict("fwd", ConvShape(256, 640, 640, 8, 8), density=0.1, block=32, dtype="bf16", device="h200")
 
 :func:`roofline_report` covers the benchmark layers of :mod:`bench.shapes`; :func:`layer_roofline`
 gives the columns of one measured row of bench/throughput.py.
@@ -80,19 +91,59 @@ class LinearShape:
         return f"linear {self.k}->{self.n} m{self.m}"
 
 
-# Peak dense tensor-core FLOP/s per math type (no 2:4 sparsity) and HBM bandwidth (B/s).
+# Per device: peak dense tensor-core FLOP/s per math type (no 2:4 sparsity), HBM bandwidth (B/s), and the
+# two rates of the gather-aware terms. l2_rate: operand bytes per second from L2 into the SMs' shared memory
+# that the block-sparse kernels have reached: on the H200 9.0e12, the most any block-sparse forward of the
+# 2026-11-28 throughput run reached (linear 4096, block 32, 50%: 8.97 TB/s through the public op; tests
+# check that no measured time beats the model). The conv 640 block-32 forward at 90% reached 6.0 TB/s in
+# the kernel-only timing of profile.log, and ceilings at that rate are 1.5x lower. Taken as the same on the
+# H100 (same die, L2 and clocks) and scaled by SMs x clock for the A100. sms and clock (boost, Hz) give the
+# instruction-issue cap (ISSUE_PER_SM_CLOCK).
 DEVICES: dict[str, dict[str, Any]] = {
-    "h100-sxm": dict(name="H100 SXM", bandwidth=3.35e12,
+    "h100-sxm": dict(name="H100 SXM", bandwidth=3.35e12, l2_rate=9.0e12, sms=132, clock=1.98e9,
                      flops=dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12)),
-    "h200": dict(name="H200", bandwidth=4.8e12,
+    "h200": dict(name="H200", bandwidth=4.8e12, l2_rate=9.0e12, sms=132, clock=1.98e9,
                  flops=dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12)),
-    "a100-sxm": dict(name="A100 SXM", bandwidth=2.039e12,
-                     flops=dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
+    "a100-sxm": dict(name="A100 SXM", bandwidth=2.039e12, l2_rate=9.0e12 * (108 * 1.41) / (132 * 1.98), sms=108,
+                     clock=1.41e9, flops=dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
 }
 ELEMENT_BYTES = dict(bf16=2, fp16=2, tf32=4, fp32=4)
 INDEX_BYTES = 4
 OPS = {"fwd": "fwd", "forward": "fwd", "dgrad": "dgrad", "grad_input": "dgrad", "input_grad": "dgrad",
        "wgrad": "wgrad", "grad_weight": "wgrad", "weight_grad": "wgrad"}
+
+# How the block-sparse kernels stage operands (blockdpr_kernels/conv.py, matmul.py). Each program owns an
+# output tile; per inner-loop iteration it stages one (bn x bk) weight block and the operand tile that
+# block multiplies, read again from L2 for every active block (nothing is shared between blocks):
+#   fwd    y tile [TILE_M x bn] of one block row; per active block: x tile [TILE_M x bk] (gathered at the
+#          block's tap) + the block.
+#   dgrad  dx tile [TILE_M x bk] of one block column; per active block: dy tile [TILE_M x bn] + the block.
+#   wgrad  runs of up to wgrad_group(bk) blocks of one block row; per TILE_M rows of M: one dy tile
+#          [TILE_M x bn] for the run + an x tile [TILE_M x bk] per block; split programs add fp32 partials.
+# TILE_M: the BLOCK_M the H200 autotuner chose for conv 640 block 32 (profile.log).
+TILE_M = {"fwd": 128, "dgrad": 128, "wgrad": 64}
+WARPS = 4  # num_warps of those configs
+# sm_90 SASS instructions per inner-loop iteration at block 32, bf16, in the configs of TILE_M / WARPS
+# (bench.sass through `python -m bench.aot --targets 90 --dtypes bf16 --blocks 32`: forward BM128 w4 92 for
+# its 4 HGMMA 64x32x16, input gradient BM128 w4 91, weight gradient BM64 w4 178; at commit 15495b9 they were
+# 208, 91 and 316, see bench/results/aot-loops-before.json). Other block sizes: scaled by the elements
+# staged per iteration (the loop is address work).
+LOOP_INSTRUCTIONS = {"fwd": 92, "dgrad": 91, "wgrad": 178}
+ISSUE_PER_SM_CLOCK = 4  # warp schedulers per SM, one warp instruction each per clock
+# cuBLAS / cuDNN: a 128 x 256 output tile, whose staged operands feed tile_intensity(128, 256) = 85 FLOP/B.
+DENSE_TILE = (128, 256)
+
+
+def tile_intensity(tile_m: int, tile_n: int, dtype="bf16") -> float:
+    """FLOP per byte staged into shared memory by a ``tile_m x tile_n`` output tile: each K step stages
+    ``(tile_m + tile_n) * bk`` elements for ``2 * tile_m * tile_n * bk`` FLOP. (128, 32) bf16: 25.6;
+    (128, 256): 85.3."""
+    return 2 * tile_m * tile_n / (ELEMENT_BYTES[_as_dtype(dtype)] * (tile_m + tile_n))
+
+
+def wgrad_group(bk: int) -> int:
+    """Blocks of one block row per weight-gradient program (= blockdpr_kernels.layout.wgrad_group)."""
+    return max(1, 64 // bk)
 
 
 def _as_shape(shape) -> ConvShape | LinearShape:
@@ -126,21 +177,33 @@ def _as_dtype(dtype) -> str:
     return name
 
 
-def _model(op: str, shape, nnz_elems: int, index_bytes: int, dtype: str, device: str) -> dict:
+def _model(op: str, shape, nnz_elems: int, index_bytes: int, dtype: str, device: str, staged=None,
+           l2_rate: float | None = None) -> dict:
+    """The roofline terms of one launch; ``staged`` = (L2->SM bytes, warp instructions) of a gather kernel
+    (None for the dense library: see dense_prediction); ``l2_rate`` overrides the device's."""
     op, shape, dtype = _as_op(op), _as_shape(shape), _as_dtype(dtype)
-    if device not in DEVICES:
-        raise ValueError(f"device: expected one of {sorted(DEVICES)}, got {device!r}")
-    dev = DEVICES[device]
+    dev = _device(device)
     m, n, _ = shape.gemm
     e = ELEMENT_BYTES[dtype]
     x_bytes, y_bytes, w_bytes = e * shape.in_elems, e * m * n, e * nnz_elems
     flops = 2 * m * nnz_elems
     # forward reads x and W, writes y; dgrad reads dy and W, writes dx; wgrad reads x and dy, writes dW
     moved = x_bytes + y_bytes + w_bytes + index_bytes
-    compute_s, memory_s = flops / dev["flops"][dtype], moved / dev["bandwidth"]
+    terms = dict(compute=flops / dev["flops"][dtype], memory=moved / dev["bandwidth"])
+    l2_bytes, instructions = staged if staged else (None, None)
+    if staged:
+        terms.update(l2=l2_bytes / (l2_rate or dev["l2_rate"]), issue=instructions / (dev["sms"] * ISSUE_PER_SM_CLOCK * dev["clock"]))
+    bound = max(terms, key=terms.get)
     return dict(op=op, shape=shape.describe(), dtype=dtype, device=device, flops=flops, bytes=moved,
-                intensity=flops / moved if moved else 0.0, compute_s=compute_s, memory_s=memory_s,
-                seconds=max(compute_s, memory_s), bound="compute" if compute_s >= memory_s else "memory")
+                intensity=flops / moved if moved else 0.0, l2_bytes=l2_bytes, instructions=instructions,
+                l2_intensity=flops / l2_bytes if l2_bytes else None,
+                **{f"{k}_s": v for k, v in terms.items()}, seconds=terms[bound], bound=bound)
+
+
+def _device(device: str) -> dict:
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {sorted(DEVICES)}, got {device!r}")
+    return DEVICES[device]
 
 
 def block_count(shape, density: float, block) -> tuple[int, int, int]:
@@ -156,7 +219,38 @@ def block_count(shape, density: float, block) -> tuple[int, int, int]:
     return max(1, int(round(density * rows * cols))), rows, cols
 
 
-def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm") -> dict:
+def staged_traffic(op: str, m: int, nnz: int, rows: int, block, dtype="bf16", *, device: str = "h100-sxm"):
+    """(L2->SM bytes, warp instructions) of one block-sparse launch over M rows with ``nnz`` active blocks in
+    ``rows`` block rows (spread evenly), from the tiling described at TILE_M.
+
+    Bytes: iterations x elements staged per iteration x element size (+ the weight gradient's fp32 partials
+    when its M is split). Instructions: iterations x LOOP_INSTRUCTIONS[op] (scaled from block 32 by the
+    elements staged per iteration) x WARPS."""
+    op, e = _as_op(op), ELEMENT_BYTES[_as_dtype(dtype)]
+    bn, bk = (block, block) if isinstance(block, int) else tuple(block)
+    tm = TILE_M[op]
+    tiles_m = -(-m // tm)
+    if op == "fwd":
+        iterations, elements, at32 = tiles_m * nnz, bk * (tm + bn), 32 * (tm + 32)
+        extra = 0
+    elif op == "dgrad":
+        iterations, elements, at32 = tiles_m * nnz, bn * (tm + bk), 32 * (tm + 32)
+        extra = 0
+    else:
+        g = wgrad_group(bk)
+        runs = rows * -(-nnz // (rows * g))  # runs of up to g blocks per block row, rows evenly filled
+        iterations = runs * tiles_m
+        elements, at32 = tm * (bn + bk * nnz / runs), tm * (32 + 32 * wgrad_group(32))
+        n_groups = nnz // g + rows + 1  # the layout's bound, which sets the split count (layout.wgrad_splits)
+        splits = max(1, -(-4 * _device(device)["sms"] // n_groups))
+        extra = 0 if splits == 1 else 4 * splits * nnz * bn * bk  # fp32 partials added in L2
+    l2_bytes = iterations * elements * e + extra
+    instructions = iterations * LOOP_INSTRUCTIONS[op] * (elements / at32) * WARPS
+    return l2_bytes, instructions
+
+
+def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm",
+            l2_rate: float | None = None) -> dict:
     """Roofline prediction for one block-sparse kernel launch.
 
     op: "fwd" | "dgrad" | "wgrad" (aliases forward / grad_input / grad_weight, "linear_"/"conv_" prefix ok).
@@ -164,9 +258,11 @@ def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str 
         padding]) for a conv, or a dict of either's fields.
     density: fraction of weight blocks kept (1 - sparsity); nnz = max(1, round(density * blocks)).
     block: int or (bn, bk). dtype: "bf16" | "fp16" | "tf32" | "fp32" (CUDA-core fp32) or a torch dtype.
-    Returns dict(flops, bytes, seconds, compute_s, memory_s, bound, intensity, nnz, density, ...):
-    minimum bytes = activations read / written once + packed weights (or their gradient) + the
-    int32 index arrays the op reads; seconds = max(flops / peak, bytes / bandwidth).
+    Returns dict(flops, bytes, l2_bytes, instructions, seconds, compute_s, memory_s, l2_s, issue_s, bound,
+    intensity, l2_intensity, nnz, density, ...): bytes = the HBM minimum (activations read / written once,
+    packed weights or their gradient, the int32 index arrays the op reads); l2_bytes and instructions from
+    :func:`staged_traffic`; seconds = the largest of flops / peak, bytes / bandwidth, l2_bytes / l2_rate and
+    instructions / issue rate, bound = which. ``l2_rate`` (B/s) overrides the device's.
     """
     shape = _as_shape(shape)
     op = _as_op(op)
@@ -175,24 +271,33 @@ def predict(op: str, shape, density: float, block, dtype="bf16", *, device: str 
     index = {"fwd": (rows + 1) + nnz,            # row_ptr, col_idx
              "dgrad": (cols + 1) + 2 * nnz,      # col_ptr, col_row_idx, col_perm
              "wgrad": 2 * nnz}[op]               # row_idx, col_idx
-    out = _model(op, shape, nnz * bn * bk, INDEX_BYTES * index, dtype, device)
+    staged = staged_traffic(op, shape.gemm[0], nnz, rows, (bn, bk), dtype, device=device)
+    out = _model(op, shape, nnz * bn * bk, INDEX_BYTES * index, dtype, device, staged, l2_rate)
     out.update(nnz=nnz, blocks=rows * cols, density=nnz / (rows * cols), block=[bn, bk])
     return out
 
 
 def dense_prediction(op: str, shape, dtype="bf16", *, device: str = "h100-sxm") -> dict:
-    """Roofline prediction for the dense op (cuBLAS / cuDNN): same model, full weight, no indices."""
+    """Roofline prediction for the dense op (cuBLAS / cuDNN): full weight, no indices, bound by compute or
+    HBM only. Its DENSE_TILE operands feed tile_intensity(*DENSE_TILE) = 85 FLOP per staged byte (given as
+    ``l2_bytes`` / ``l2_intensity``), 3.3x the block-32 gather's (cuDNN moved 8 TB/s of them on the H200,
+    at 69% of peak): the L2 does not bound it first, so no L2 or issue term is applied."""
     shape = _as_shape(shape)
-    _, n, k = shape.gemm
+    m, n, k = shape.gemm
     out = _model(op, shape, n * k, 0, dtype, device)
+    out["l2_bytes"] = 2 * m * n * k / tile_intensity(*DENSE_TILE, dtype)
+    out["l2_intensity"] = out["flops"] / out["l2_bytes"]
     out.update(nnz=None, blocks=None, density=1.0, block=None)
     return out
 
 
-def speedup_ceiling(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm") -> float:
-    """Predicted dense time / predicted block-sparse time: the best speedup the roofline allows."""
-    return (dense_prediction(op, shape, dtype, device=device)["seconds"]
-            / predict(op, shape, density, block, dtype, device=device)["seconds"])
+def speedup_ceiling(op: str, shape, density: float, block, dtype="bf16", *, device: str = "h100-sxm",
+                    dense_seconds: float | None = None, l2_rate: float | None = None) -> float:
+    """The best speedup the model allows: the dense time / predicted block-sparse time. The dense time is
+    ``dense_seconds`` when given (cuDNN / cuBLAS as measured: "x cuDNN"), else the dense roofline (an
+    ideal library at peak, so this ceiling is the lower of the two)."""
+    dense = dense_prediction(op, shape, dtype, device=device)["seconds"] if dense_seconds is None else dense_seconds
+    return dense / predict(op, shape, density, block, dtype, device=device, l2_rate=l2_rate)["seconds"]
 
 
 def roofline_fraction(measured_seconds: float, prediction: dict) -> float:
@@ -247,7 +352,7 @@ def layer_roofline(shape: LayerShape, conv_batch: int, tokens: int, density: flo
 
 
 def _slim(pred: dict) -> dict:
-    return {k: pred[k] for k in ("flops", "bytes", "seconds", "bound")}
+    return {k: pred[k] for k in ("flops", "bytes", "l2_bytes", "seconds", "bound")}
 
 
 def roofline_report(densities=(0.2, 0.1), blocks=(16, 32, 64), dtype="bf16", device="h100-sxm",
@@ -290,10 +395,10 @@ def print_roofline(console, report: dict, blocks_shown=None) -> None:
     from rich.table import Table
     dev = report["device"]
     title = (f"Roofline on {dev['name']} ({dev['flops'][report['dtype']] / 1e12:.0f} TFLOP/s {report['dtype']}, "
-             f"{dev['bandwidth'] / 1e12:.2f} TB/s); batch {report['batch']}, linear M {report['linear_m']}; "
-             f"times in us, ceiling = dense / sparse")
+             f"HBM {dev['bandwidth'] / 1e12:.2f} TB/s, gather L2->SM {dev['l2_rate'] / 1e12:.1f} TB/s); batch "
+             f"{report['batch']}, linear M {report['linear_m']}; times in us, ceiling = dense roofline / sparse")
     t = Table(title=title)
-    for col in ("model", "layer", "shape", "x", "density", "block", "fwd GFLOP", "fwd MB", "fwd us (dense)",
+    for col in ("model", "layer", "shape", "x", "density", "block", "fwd GFLOP", "fwd L2 MB", "fwd us (dense)",
                 "fwd", "dgrad", "wgrad", "step ceiling", "bound fwd/dgrad/wgrad"):
         t.add_column(col, justify="left" if col in ("model", "layer", "shape", "bound fwd/dgrad/wgrad") else "right")
     for r in report["layers"]:
@@ -305,7 +410,7 @@ def print_roofline(console, report: dict, blocks_shown=None) -> None:
             continue
         s, d = r["sparse"], r["dense"]
         t.add_row(r["model"], r["layer"], r["shape"], str(r["count"]), f"{r['density']:.2f}", str(r["block"]),
-                  f"{s['fwd']['flops'] / 1e9:.2f}", f"{s['fwd']['bytes'] / 1e6:.1f}",
+                  f"{s['fwd']['flops'] / 1e9:.2f}", f"{s['fwd']['l2_bytes'] / 1e6:.1f}",
                   f"{_t(s['fwd']['seconds'])} ({_t(d['fwd']['seconds'])})",
                   *(f"{r['ceiling'][op]:.2f}x" for op in ("fwd", "dgrad", "wgrad")), f"{r['step_ceiling']:.2f}x",
                   "/".join(s[op]["bound"][:3] for op in ("fwd", "dgrad", "wgrad")))

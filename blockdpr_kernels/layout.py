@@ -38,7 +38,8 @@ class BlockLayout:
         block: ``(bn, bk)``.
         grid: ``(N // bn, K // bk)``, the block grid.
         nnz: number of stored blocks (a Python int).
-        mask: the bool block mask ``[N // bn, K // bk]``.
+        mask: a copy of the bool block mask ``[N // bn, K // bk]`` (a new tensor at every read:
+            editing it cannot desynchronise the index tensors; build a new layout from the edited copy).
         row_ptr: ``[N // bn + 1]``; blocks of block row ``n`` are packed blocks
             ``row_ptr[n] .. row_ptr[n + 1] - 1``.
         col_idx: ``[nnz]``, block column of each packed block.
@@ -81,7 +82,7 @@ class BlockLayout:
         self.block = (bn, bk)
         self.grid = (nb, kb)
         self.shape = (nb * bn, kb * bk)
-        self.mask = mask
+        self._mask = mask.clone()
         # Built on the host from one copy of the mask (the one sync), then copied to the device.
         host = mask.cpu()
         rows, cols = host.nonzero(as_tuple=True)  # row-major order
@@ -99,6 +100,10 @@ class BlockLayout:
         self.wgrad_groups = dev(groups)
         wgrad_workspace(self.nnz * bn * bk, mask.device)  # grown here, at a reallocation, never in a call
         self.wgrad_counters = torch.zeros(groups.shape[0], dtype=torch.int32, device=mask.device)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask.clone()
 
     @property
     def wgrad_splits(self) -> int:
@@ -120,11 +125,19 @@ class BlockLayout:
     @classmethod
     def random(cls, shape: tuple[int, int], block: tuple[int, int], density: float,
                device=None, generator: torch.Generator | None = None) -> "BlockLayout":
-        """A layout keeping each block independently with probability ``density``."""
+        """A layout keeping exactly ``round(density * blocks)`` blocks, chosen uniformly at random.
+
+        ``density`` in ``[0, 1]``; the draw is one ``torch.randperm`` of the block grid on the CPU, so a
+        seeded ``generator`` (a CPU ``torch.Generator``) gives the same layout on every device.
+        """
         _check_divides(shape, block, "shape")
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density: expected a fraction of blocks kept in [0, 1], got {density}")
         grid = (shape[0] // block[0], shape[1] // block[1])
-        mask = torch.rand(grid, generator=generator) < density
-        return cls(mask.to(device), block)
+        blocks = grid[0] * grid[1]
+        mask = torch.zeros(blocks, dtype=torch.bool)
+        mask[torch.randperm(blocks, generator=generator)[: round(density * blocks)]] = True
+        return cls(mask.view(grid).to(device), block)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +145,7 @@ class BlockLayout:
 
     def to(self, device) -> "BlockLayout":
         """The same layout with its index tensors on ``device``."""
-        return BlockLayout(self.mask.to(device), self.block)
+        return BlockLayout(self._mask.to(device), self.block)
 
     def pack(self, dense: torch.Tensor) -> torch.Tensor:
         """Packed values ``[nnz, bn, bk]`` of the active blocks of ``dense`` ``[N, K]``."""

@@ -147,7 +147,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     for name, m in model.named_modules():
         if isinstance(m, BlockSparseConv2d):
-            del state[f"{name}.values"]
+            del state[f"{name}.values"], state[f"{name}.block_mask"]
             state[f"{name}.weight"] = m.to_dense()
     return state
 
@@ -166,4 +166,5 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
             matrix = weight_to_matrix(weight.to(m.values.device, m.values.dtype)).contiguous()
             layout = BlockLayout.from_dense(matrix, m.block)
             state[f"{name}.values"] = m.set_layout(layout, layout.pack(matrix)).detach()
+            state[f"{name}.block_mask"] = layout.mask
     model.load_state_dict(state)

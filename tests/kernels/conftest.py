@@ -1,6 +1,17 @@
-"""Fixtures shared by the blockdpr_kernels tests."""
+"""Fixtures shared by the blockdpr_kernels tests.
+
+Self-contained, so tests/kernels also runs alone against an installed blockdpr_kernels (torch, triton,
+pytest and hypothesis only; ``.ci/run`` does so with ``--confcutdir tests/kernels``, skipping
+tests/conftest.py and its numpy): without a GPU the Triton kernels run under the interpreter, which
+must be switched on before anything imports triton (tests/conftest.py does the same for the whole suite).
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

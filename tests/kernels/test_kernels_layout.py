@@ -59,10 +59,39 @@ def test_empty_and_full_layouts():
     assert full.nnz == 6 and full.row_ptr.tolist() == [0, 2, 4, 6]
 
 
-def test_random_layout_density():
-    layout = BlockLayout.random((320, 640), (32, 32), 0.1, generator=torch.Generator().manual_seed(0))
-    assert 0 < layout.nnz < 60 and layout.grid == (10, 20)
-    assert "nnz" in repr(layout)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.25, 0.33, 1.0])
+def test_random_layout_keeps_exactly_round_density_times_blocks(density):
+    layouts = [BlockLayout.random((192, 96), (32, 16), density, generator=torch.Generator().manual_seed(seed))
+               for seed in (0, 0, 1)]
+    assert all(layout.nnz == round(density * 36) for layout in layouts) and layouts[0].grid == (6, 6)
+    assert torch.equal(layouts[0].mask, layouts[1].mask), "seeded: the same generator seed, the same layout"
+    if 0 < density < 1:
+        assert not torch.equal(layouts[0].mask, layouts[2].mask)
+    assert "nnz" in repr(layouts[0])
+
+
+def test_random_layout_positions_are_uniform():
+    """Each block is kept round(d * blocks) / blocks of the time: over 400 seeds, no position is favoured."""
+    counts = sum(BlockLayout.random((64, 96), (16, 16), 0.25, generator=torch.Generator().manual_seed(s)).mask.int()
+                 for s in range(400))
+    assert counts.sum() == 400 * 6  # 6 of 24 blocks each time
+    assert counts.min() > 60 and counts.max() < 140  # mean 100, sd ~8.7
+
+
+def test_random_layout_bad_density():
+    with pytest.raises(ValueError, match=r"density: expected a fraction of blocks kept in \[0, 1\], got 1.5"):
+        BlockLayout.random((64, 64), (16, 16), 1.5)
+
+
+def test_mask_is_a_copy_editing_it_changes_nothing():
+    source = torch.tensor([[True, False, True], [True, True, True]])
+    layout = BlockLayout(source, (16, 16))
+    source[0, 0] = False  # the caller's tensor: the layout took its own copy
+    mask = layout.mask
+    mask[0, 1] = True
+    layout.mask[1, 1] = False
+    assert layout.mask.tolist() == [[True, False, True], [True, True, True]]
+    assert int(layout.mask.sum()) == layout.nnz == 5 and layout.mask is not layout.mask
 
 
 def test_layout_bad_input():
