@@ -241,8 +241,8 @@ def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
                  prune_configs_by={"early_config_prune": _pruner("wgrad")})
 @triton.jit(do_not_specialize=["DENSITY"])
 def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count_ptr,
-                  M, DENSITY, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
-                  C_IN: tl.constexpr, C_OUT: tl.constexpr,
+                  M, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+                  C_IN: tl.constexpr, C_OUT: tl.constexpr, DENSITY,
                   S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -387,6 +387,6 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, kernel_size, s
     workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
     with _on(x.device):
         _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, dv, workspace, counters, m,
-                                                 DENSITY=density_bucket(nnz, geo["C_OUT"] // bn), **geo, S=s, STRIDE=stride, PAD=padding,
+                                                 **geo, DENSITY=density_bucket(nnz, geo["C_OUT"] // bn), S=s, STRIDE=stride, PAD=padding,
                                                  BN=bn, BK=bk, PRECISION=_precision(x.dtype, allow_tf32))
     return dv
