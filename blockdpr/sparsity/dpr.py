@@ -122,8 +122,9 @@ class DPR:
         """DPR over a storage made elsewhere (e.g. the per-trial views of a stacked model).
 
         dynamic=False: a fixed structure (masking only; static, reinit, gmp baselines). optimizer:
-        what step() runs; optimizer_state: () -> an object whose .state maps this structure's
-        parameters to their state (default: the optimizer itself)."""
+        what step() runs (None: the caller steps its own optimizer, calling mask_gradients, then
+        mask_weights, then advance and, when it says so, reallocate); optimizer_state: () -> an object
+        whose .state maps this structure's parameters to their state (default: the optimizer)."""
         dpr = cls.__new__(cls)
         dpr._init(structure, optimizer, list(dense_layers), period, stop_step, target_pruned, tolerance,
                   initial_threshold, seed, keep_momentum, dynamic, optimizer_state)
@@ -141,10 +142,9 @@ class DPR:
         self.period, self.stop_step, self.seed, self.keep_momentum = period, stop_step, int(seed), keep_momentum
         self._optimizer_state = optimizer_state or (lambda: self.optimizer)
         self.steps = 0  # optimizer steps taken
-        self.active_units = int(structure.flat_mask().sum()) if dynamic else 0
         self.reallocator = None
         if dynamic:
-            count = resolve_target(target_pruned, self.active_units)
+            count = resolve_target(target_pruned, lambda: int(structure.flat_mask().sum()))
             self.reallocator = Reallocator(structure.segments.sizes, DPRConfig(count, tolerance, initial_threshold),
                                            self.seed, structure.segments.device)
 
@@ -230,8 +230,8 @@ class DPR:
         self.steps = int(state["steps"])
 
 
-def resolve_target(target_pruned: float | int, active_units: int) -> int:
-    """N_p in units: an int is a count; a float is a fraction of the active units (at least 1)."""
+def resolve_target(target_pruned: float | int, active_units: Callable[[], int]) -> int:
+    """N_p in units: an int is a count; a float is a fraction of active_units() (at least 1)."""
     if isinstance(target_pruned, bool) or not isinstance(target_pruned, (int, float)):
         raise TypeError(f"target_pruned must be an int count or a float fraction, got {target_pruned!r}")
     if isinstance(target_pruned, int):
@@ -240,7 +240,7 @@ def resolve_target(target_pruned: float | int, active_units: int) -> int:
         return target_pruned
     if not 0 < target_pruned <= 1:
         raise ValueError(f"target_pruned as a fraction of the active units must be in (0, 1], got {target_pruned}")
-    return max(1, round(target_pruned * active_units))
+    return max(1, round(target_pruned * active_units()))
 
 
 @torch.no_grad()
