@@ -251,3 +251,22 @@ def test_compiled_model_does_not_recompile_at_a_reallocation():
         F.cross_entropy(net(x), y).backward()
         moved += dpr.step().pruned
     assert moved > 0 and counter.frame_count == 1, f"{counter.frame_count} compiles for 4 steps with 4 reallocations"
+
+
+def test_compiled_block_model_recompiles_once_for_the_dynamic_block_count(monkeypatch):
+    """Block mode gives the layers new packed Parameters at a reallocation: with dynamic parameter
+    shapes dynamo compiles once more (the block count becomes symbolic), then never again."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.setattr(torch._dynamo.config, "force_parameter_static_shapes", False)
+    torch._dynamo.reset()
+    model, opt, dpr = make(sparsity=0.5, period=1, granularity="block", block=16, target_pruned=2, initial_threshold=0.1)
+    counter = CompileCounter()
+    net = torch.compile(model, backend=counter)
+    frames, moved = [], 0
+    for x, y in batches(5):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        moved += dpr.step().pruned
+        frames.append(counter.frame_count)
+    assert moved > 0 and frames[-1] <= 2 and frames[-1] == frames[1], f"compiles after each step: {frames}"
