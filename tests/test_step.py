@@ -122,6 +122,7 @@ def test_trainer_steps_have_no_host_sync_and_a_reallocation_syncs_once(tmp_path,
     with record_work() as realloc:
         results = trainer.step(3)  # the fourth step reallocates
     assert sorted(results) == list(range(len(configs)))
+    assert not list(tmp_path.glob("run-*")), "the engine writes no run directory"
     assert realloc.syncs == collections.Counter({"numpy": 1, "from_host": 1})  # the counts out, r_i back
 
 
