@@ -132,6 +132,7 @@ def test_target_pruned_fraction_or_count():
     ({"sparsity": 1.0}, r"sparsity must be in \(0, 1\)"),
     ({"target_pruned": 1.5}, "fraction of the active units must be in"),
     ({"period": 0}, "period must be a positive int"),
+    ({"tolerance": 1.0}, r"tolerance must be in \[0, 1\)"),
     ({"include": lambda m, n: False}, "no layer to make sparse"),
     ({"granularity": "block", "block": 16, "keep_momentum": True}, "keep_momentum has no meaning in block mode"),
 ])
@@ -139,6 +140,17 @@ def test_errors_speak_library_words(kw, message):
     with pytest.raises(ValueError, match=message) as e:
         make(**kw)
     assert "--" not in str(e.value)
+
+
+def test_a_bad_setting_leaves_the_model_and_optimizer_as_they_were():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p for g in opt.param_groups for p in g["params"]]
+    for bad in ({"keep_momentum": True}, {"tolerance": 1.5}, {"target_pruned": -3}, {"stop_step": -1}):
+        with pytest.raises(ValueError):
+            DPR(model, opt, granularity="block", block=16, **bad)
+        assert isinstance(model.conv, nn.Conv2d) and [p for g in opt.param_groups for p in g["params"]] == before
 
 
 def test_block_mode_replaces_layers_in_place_and_keeps_the_invariants():

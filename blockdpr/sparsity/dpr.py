@@ -97,6 +97,9 @@ class DPR:
             raise ValueError(f"granularity must be 'element' or 'block', got {granularity!r}")
         if not 0 < sparsity < 1:
             raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+        check_schedule(period, stop_step, target_pruned, tolerance, initial_threshold)  # before the model changes
+        if keep_momentum and granularity == "block":
+            raise ValueError("keep_momentum has no meaning in block mode: a pruned block's state is dropped with it")
         include = include or default_include(model)
         chosen = {f"{name}.weight": m for name, m in model.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and include(m, name)}
@@ -132,10 +135,7 @@ class DPR:
 
     def _init(self, structure, optimizer, dense_layers, period, stop_step, target_pruned, tolerance,
               initial_threshold, seed, keep_momentum, dynamic=True, optimizer_state=None) -> None:
-        if isinstance(period, int) and period <= 0:
-            raise ValueError(f"period must be a positive int or a function step -> period, got {period}")
-        if stop_step is not None and stop_step < 0:
-            raise ValueError(f"stop_step must be >= 0 or None, got {stop_step}")
+        check_schedule(period, stop_step, target_pruned, tolerance, initial_threshold)
         if keep_momentum and isinstance(structure, BlockSparsity):
             raise ValueError("keep_momentum has no meaning in block mode: a pruned block's state is dropped with it")
         self.structure, self.optimizer, self.dense_layers = structure, optimizer, dense_layers
@@ -228,6 +228,16 @@ class DPR:
         if self.reallocator is not None:
             self.reallocator.load_state_dict(state["reallocator"])
         self.steps = int(state["steps"])
+
+
+def check_schedule(period, stop_step, target_pruned, tolerance: float, initial_threshold: float) -> None:
+    """ValueError / TypeError naming the first bad schedule or DPR setting."""
+    if not callable(period) and (isinstance(period, bool) or not isinstance(period, int) or period <= 0):
+        raise ValueError(f"period must be a positive int or a function step -> period, got {period!r}")
+    if stop_step is not None and stop_step < 0:
+        raise ValueError(f"stop_step must be >= 0 or None, got {stop_step}")
+    resolve_target(target_pruned, lambda: 1)
+    DPRConfig(1, tolerance, initial_threshold)  # its own checks of tolerance and H
 
 
 def resolve_target(target_pruned: float | int, active_units: Callable[[], int]) -> int:
