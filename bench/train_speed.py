@@ -1,11 +1,11 @@
-"""Training speed of the real loop (issue 15): images/s of `blockdpr.loop.Trainer.step` for dense and
+"""Training speed of the real loop (issue 15): images/s of `blockdpr.engine.Engine.step` for dense and
 element-mode DPR WRN-28-2, 1 to 32 stacked trials, fp32 and bf16, eager or as a CUDA graph.
 
     python -m bench.train_speed                          # the sweep below, on the GPU
     python -m bench.train_speed --trials 1 --precisions fp32 --paths graph
     python -m bench.train_speed --smoke                  # CPU: WRN-10-1, tiny batches; times mean nothing
 
-Each case builds the trainer a training run uses (data on the device, stacked model, masks,
+Each case builds the engine a training run uses (data on the device, stacked model, DPR objects,
 optimizer, the step: eager, or captured as a CUDA graph with `--cuda-graph`), runs warm-up steps
 (capture included), then times whole loop steps (batch selection, on-device augmentation, the
 step) with `bench.timing.time_ms` (do_bench on CUDA). Reallocations are kept out of the timed
@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import gc
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/train_speed.py`: the repository root makes `bench` importable
@@ -65,10 +64,11 @@ def cases(modes, trials, precisions, paths) -> list[Case]:
     return [Case(m, t, p, g) for g in paths for p in precisions for t in trials for m in modes]
 
 
-def run_configs(case: Case, opts: argparse.Namespace, tmp: Path) -> list[RunConfig]:
-    """The case's trials as the RunConfigs of a training run (one per seed), writing into `tmp`."""
+def run_configs(case: Case, opts: argparse.Namespace) -> list[RunConfig]:
+    """The case's trials as the RunConfigs of a training run (one per seed; the engine writes nothing,
+    so their run directories are names only)."""
     images = opts.batch_size * opts.steps_per_epoch
-    return [RunConfig(mode=case.mode, sparsity=0.9, seed=seed, out=tmp / f"{case.mode}-T{case.trials}-seed{seed}",
+    return [RunConfig(mode=case.mode, sparsity=0.9, seed=seed, out=Path(f"{case.mode}-T{case.trials}-seed{seed}"),
                       device=opts.device, amp=case.precision == "bf16", cuda_graph=case.path == "graph",
                       data=opts.data, train_subset=images, test_subset=opts.batch_size, depth=opts.depth,
                       width=opts.width, batch_size=opts.batch_size, epochs=1, no_progress=True,
@@ -78,34 +78,33 @@ def run_configs(case: Case, opts: argparse.Namespace, tmp: Path) -> list[RunConf
 
 def measure(case: Case, opts: argparse.Namespace) -> dict:
     """Time one case: warm-up steps, then loop steps; DPR also its reallocations (see the module docstring)."""
-    from blockdpr.loop import Trainer  # imported here: `--help` stays fast
+    from blockdpr.engine import Engine  # imported here: `--help` stays fast
 
-    with tempfile.TemporaryDirectory(prefix="blockdpr-train-speed-") as tmp:
-        trainer = Trainer(run_configs(case, opts, Path(tmp)))
-        trainer.start_epoch(0)
-        steps = iter(range(10 ** 9))
+    engine = Engine(run_configs(case, opts))
+    engine.start_epoch(0)
+    steps = iter(range(10 ** 9))
 
-        def step():
-            trainer.step(0, next(steps) % trainer.steps_per_epoch)
+    def step():
+        engine.step(next(steps) % engine.steps_per_epoch)
 
-        for _ in range(opts.warmup):
-            step()
-        device = trainer.device.type
-        timer = dict(warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, cpu_reps=opts.cpu_reps)
-        row = {"step_times_ms": time_ms(step, device, **timer)}
-        step_ms = stats(row["step_times_ms"])["median_ms"]
-        realloc_ms = 0.0
-        if case.mode == "dpr":
-            def reallocate():
-                trainer.reallocate(list(range(trainer.T)))  # every trial, together, as the loop does them
-            row["realloc_times_ms"] = time_ms(reallocate, device, **timer)
-            realloc_ms = stats(row["realloc_times_ms"])["median_ms"]
-        batch = trainer.T * opts.batch_size
-        row.update(step_ms=step_ms, realloc_ms=realloc_ms, period=opts.period,
-                   amortised_step_ms=step_ms + realloc_ms / opts.period,
-                   peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
-        row["images_per_s"] = batch / row["amortised_step_ms"] * 1e3
-        row["per_trial_images_per_s"] = row["images_per_s"] / trainer.T
+    for _ in range(opts.warmup):
+        step()
+    device = engine.device.type
+    timer = dict(warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms, cpu_reps=opts.cpu_reps)
+    row = {"step_times_ms": time_ms(step, device, **timer)}
+    step_ms = stats(row["step_times_ms"])["median_ms"]
+    realloc_ms = 0.0
+    if case.mode == "dpr":
+        def reallocate():
+            engine.reallocate(list(range(engine.T)))  # every trial, together, as the loop does them
+        row["realloc_times_ms"] = time_ms(reallocate, device, **timer)
+        realloc_ms = stats(row["realloc_times_ms"])["median_ms"]
+    batch = engine.T * opts.batch_size
+    row.update(step_ms=step_ms, realloc_ms=realloc_ms, period=opts.period,
+               amortised_step_ms=step_ms + realloc_ms / opts.period,
+               peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
+    row["images_per_s"] = batch / row["amortised_step_ms"] * 1e3
+    row["per_trial_images_per_s"] = row["images_per_s"] / engine.T
     return row
 
 

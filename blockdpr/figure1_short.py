@@ -9,7 +9,7 @@ results/figure1-short/. A preset only sets defaults: every flag given on the com
 - `apply_preset(parser, argv)`: sets the defaults of the preset named by `--preset NAME` in argv.
 - `predict_seconds(runs, images_per_second)`: training time of a plan at a throughput.
 - `measure_throughput(opts)`: aggregate training images/s of this machine, timed on the real
-  training step (blockdpr.loop.Trainer) of the plan's first process (its trials stacked);
+  training step (blockdpr.engine.Engine) of the plan's first process (its trials stacked);
   `cached_throughput(opts)` keeps it in <root>/throughput.json, keyed by device and step settings,
   so a second dry run is instant. `prediction_text(runs, opts)` is what the dry run prints.
 - `write_report(rows, out_dir)`: figure1-short.md (table, Figure 1a, published values, orderings).
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,11 +112,12 @@ def _timed_trials(opts: argparse.Namespace, trials: int | None) -> list[matrix.R
     return together[:min(opts.trials_per_process, trials or opts.trials_per_process)]
 
 
-def _step_configs(opts: argparse.Namespace, runs: list[matrix.Run], tmp: Path, images: int, batch: int):
-    """The runs' validated RunConfigs (as reproduce builds them), in `tmp`, on `images` training images."""
+def _step_configs(opts: argparse.Namespace, runs: list[matrix.Run], images: int, batch: int):
+    """The runs' validated RunConfigs (as reproduce builds them), on `images` training images (the
+    engine that times them writes nothing: their run directories are not touched)."""
     configs = []
     for run in runs:
-        config = matrix.trial_config(dataclasses.replace(run, out=tmp / run.out.name), opts)
+        config = matrix.trial_config(run, opts)
         configs.append(dataclasses.replace(config, batch_size=batch, train_subset=images, test_subset=batch,
                                            no_progress=True, snapshot_epochs=()).check())
     return configs
@@ -150,13 +150,13 @@ def measure_throughput(opts: argparse.Namespace, trials: int | None = None, step
                        warmup: int | None = None) -> dict:
     """Aggregate training images/s of the plan's first process (its trials stacked), on opts.device.
 
-    Builds the real trainer (blockdpr.loop.Trainer: data, stacked model, sparsity, optimizer) for
-    up to `trials` of the plan's first process's runs in a temporary directory, runs `warmup` steps, then
+    Builds the real training engine (blockdpr.engine.Engine: data, stacked model, DPR objects,
+    optimizer; no run directory) for up to `trials` of the plan's first process's runs, runs `warmup` steps, then
     times `steps` steps (defaults: TIMED_STEPS by device type). On a CPU the per-trial batch is at
     most CPU_BATCH. Training steps only: no reallocation falls in so few steps, no evaluation.
     Returns {"images_per_second", "trials", "batch_size", "steps", "seconds", "device", "key",
     "measured_utc"}."""
-    from .loop import Trainer  # the training loop is only needed to measure
+    from .engine import Engine  # the training engine is only needed to measure
 
     device = resolve_device(opts.device)
     runs = _timed_trials(opts, trials)
@@ -164,17 +164,16 @@ def measure_throughput(opts: argparse.Namespace, trials: int | None = None, step
     warmup = default_warmup if warmup is None else warmup
     steps = default_steps if steps is None else steps
     batch = timed_batch(opts)
-    with tempfile.TemporaryDirectory(prefix="blockdpr-throughput-") as tmp:
-        trainer = Trainer(_step_configs(opts, runs, Path(tmp), batch * (warmup + steps), batch))
-        trainer.start_epoch(0)
-        for step in range(warmup):
-            trainer.step(0, step)
-        _synchronize(device)
-        started = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            trainer.step(0, step)
-        _synchronize(device)
-        seconds = time.perf_counter() - started
+    engine = Engine(_step_configs(opts, runs, batch * (warmup + steps), batch))
+    engine.start_epoch(0)
+    for step in range(warmup):
+        engine.step(step)
+    _synchronize(device)
+    started = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        engine.step(step)
+    _synchronize(device)
+    seconds = time.perf_counter() - started
     return {"images_per_second": len(runs) * batch * steps / seconds, "trials": len(runs), "batch_size": batch,
             "steps": steps, "seconds": seconds, "device": device_name(opts),
             "key": throughput_key(opts, len(runs), batch),

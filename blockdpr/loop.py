@@ -1,6 +1,7 @@
-"""The training loop as named parts: setup (Trainer()), one step, end of epoch, finish.
+"""The run around the training engine: setup (Trainer()), one step, end of epoch, finish.
 
-`Trainer(configs).run()` trains T >= 1 trials together (one stacked model, blockdpr/stacked.py;
+The engine (blockdpr/engine.py) computes; this module owns the run directory, checkpoints,
+metrics, signals and printing. `Trainer(configs).run()` trains T >= 1 trials together (one stacked model, blockdpr/stacked.py;
 T = 1 is an ordinary run; they share every setting but config.PER_TRIAL: seed, mode, sparsity...)
 and returns their summaries, or Nones when --stop-after stopped it (checkpointed). All randomness
 is a function of (seed, epoch or step), so a run resumed from any checkpoint continues exactly as
@@ -25,19 +26,17 @@ from rich.table import Table
 from . import data as data_lib
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import escape
-from .config import ConfigError, RunConfig, check_trials, value_at
+from .config import ConfigError, RunConfig, check_trials
 from .distributed import Distributed
 from .models import WideResNet, parameter_counts
 from .progress import ProgressReporter
 from .run_dir import open_run_dir, write_config, write_metrics, write_summary
+from .engine import Engine
 from .runinfo import provenance
-from .setup import build_sparsity, identity, init_seed, initial_state, resolve_device, save_tensors, sgd
+from .setup import identity, init_seed, initial_state, resolve_device, save_tensors
 from .signals import STOP_SIGNALS, Stopped, StopSignals
-from .sparsity import DPRConfig, NonFiniteWeights, Reallocator, gmp_pruning_index, gmp_sparsity, reallocate_structures
+from .sparsity import NonFiniteWeights
 from .sparsity.packed import dense_state_dict
-from .sparsity.select import seeded_generator
-from .stacked import StackedWideResNet, load_trial_optimizer_state_dicts, trial_optimizer, trial_optimizer_state_dict
-from .step import Evaluation, TrainStep
 from .trial import RunState, Trial, restore_best
 
 console = Console(stderr=True, soft_wrap=True)
@@ -49,16 +48,16 @@ class Diverged(FloatingPointError):
 
 
 class Trainer:
-    """T trials trained together (one schedule; see config.check_trials); construct (setup), then run()."""
+    """A run of T trials trained together (one schedule; see config.check_trials) around an Engine:
+    construct (setup: run directories, the engine, a resume), then run()."""
 
     # ---- setup ----------------------------------------------------------------------------
     def __init__(self, configs: list[RunConfig]):
         cfg = self.cfg = check_trials(configs)
-        self.T = T = len(configs)
-        self.dist = dist = Distributed.from_env(resolve_device(cfg.device).type)  # one rank of 1 without torchrun
+        self.T = len(configs)
+        dist = Distributed.from_env(resolve_device(cfg.device).type)  # one rank of 1 without torchrun
         if cfg.cuda_graph and dist.enabled:
             raise ConfigError(["--cuda-graph trains one rank per process only (no torchrun)"])
-        self.device = device = resolve_device(cfg.device, dist.local_rank)
         resuming = [c.resume and (c.out / "last.pt").is_file() for c in configs]
         if any(resuming) and not all(resuming):
             raise ConfigError(["--resume: some trials have a checkpoint and some do not: resume them separately"])
@@ -69,66 +68,29 @@ class Trainer:
                 console.print(f"run directory: {escape(c.out)}", highlight=False)
 
         data = data_lib.load_cifar10(cfg.data, download=cfg.download, progress=not cfg.no_progress)
-        self.data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
-
         initial = [initial_state(c) for c in configs]
         if dist.is_main and not self.resuming:
             for c, state in zip(configs, initial):
                 if c.mode == "dpr":
                     save_tensors(state, c.out / "init_weights.pt")
-        model = StackedWideResNet(T, cfg.depth, cfg.width)
-        model.load_trial_state_dicts(initial)
-        model = model.to(device)
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        self.model = model
-        self.trials = []
-        for c in configs:  # views of the parameters: taken after every move of the model
-            sparse = model.trial_sparse_tensors(len(self.trials))
-            sparsity, dense_layers = build_sparsity(c, sparse, model)
-            if sparsity is not None:
-                sparsity.apply_()
+        ckpts = [load_checkpoint(c.out / "last.pt", expect=identity(c)) for c in configs] if self.resuming else None
+        self.engine = engine = Engine(configs, dist, data, initial, ckpts)
+        self.dist, self.device, self.steps_per_epoch = dist, engine.device, engine.steps_per_epoch
+        self.trials = [Trial(c) for c in configs]
+        for c, dense_layers in zip(configs, engine.dense_layers):
             if dense_layers and dist.is_main:
                 console.print(f"block size {c.block_size} does not tile {len(dense_layers)} sparse conv(s), kept dense: "
                               + ", ".join(dense_layers))
-            reallocator = (Reallocator(sparsity.segments.sizes, DPRConfig(c.target_pruned, c.tolerance, c.initial_threshold),
-                                       c.seed, device) if c.mode == "dpr" else None)
-            self.trials.append(Trial(c, sparse, sparsity, reallocator, dense_layers))
-
-        ckpts = [load_checkpoint(t.out / "last.pt", expect=identity(t.config)) for t in self.trials] if self.resuming else []
-        for trial, ckpt in zip(self.trials, ckpts):  # structure first: block mode's packed parameters take its shapes
-            if trial.sparsity is not None:
-                trial.sparsity.load_state_dict(ckpt["masks"])
-        self.optimizer = sgd(model.parameters(), value_at(cfg.lr_schedule, 0), cfg.momentum, cfg.weight_decay)
-        if cfg.compile and cfg.granularity == "block":
-            # Packed parameters change shape at every reallocation: let dynamo make that dimension
-            # dynamic (one recompile) instead of specialising on each shape.
-            torch._dynamo.config.force_parameter_static_shapes = False
-        self.net = torch.compile(model) if cfg.compile else model
         if self.resuming:
             self._load(ckpts)
         elif dist.is_main:
-            for trial in self.trials:
-                self._write_config(trial, configs)
+            for t, trial in enumerate(self.trials):
+                self._write_config(t, configs)
                 write_metrics(trial.out, [])
-        self.step_fn = TrainStep(model, self.net, self.optimizer, [t.sparsity for t in self.trials],
-                                 [t.sparse for t in self.trials], dist, cfg.amp, self.channels_last, graph=cfg.cuda_graph)
-        self.evaluation = Evaluation(self.net, self.data.test_images, self.data.test_labels, T, cfg.amp,
-                                     graph=cfg.cuda_graph)
-        self.steps_per_epoch = math.ceil(len(self.data.train_images) / cfg.batch_size)
 
     def _load(self, ckpts: list[dict]) -> None:
-        where = {(c["progress"]["epoch"], c["progress"]["step_in_epoch"], c["progress"]["global_step"]) for c in ckpts}
-        if len(where) > 1:
-            raise ConfigError([f"the trials' checkpoints are at different points {sorted(where)}: resume them separately"])
-        self.model.load_trial_state_dicts([c["model"] for c in ckpts])
-        load_trial_optimizer_state_dicts(self.model, self.optimizer, [c["optimizer"] for c in ckpts])
+        """The run's side of a resume (the engine loaded weights, structure and optimizer): progress, metrics, best.pt."""
         for trial, ckpt in zip(self.trials, ckpts):
-            if trial.reallocator is not None:
-                trial.reallocator.load_state_dict(ckpt["reallocator"])
             trial.state = RunState(**ckpt["progress"])
             trial.records = list(ckpt["metrics"])
             if self.dist.is_main:
@@ -136,19 +98,19 @@ class Trainer:
                 restore_best(trial.out, trial.state)
                 console.print(f"resumed {escape(trial.out)} at epoch {trial.state.epoch}, step {trial.state.step_in_epoch} of it",
                               highlight=False)
-        torch.set_rng_state(ckpts[0]["rng"]["torch"])
 
-    def _write_config(self, trial: Trial, configs: list[RunConfig]) -> None:
+    def _write_config(self, t: int, configs: list[RunConfig]) -> None:
+        trial, dpr, dense_layers = self.trials[t], self.engine.dprs[t], self.engine.dense_layers[t]
         c = trial.config
         with torch.device("meta"):  # shapes only: no memory, no draw from the global generator
             plain = WideResNet(c.depth, c.width)
-        sparse_names = trial.sparsity.names + trial.dense_layers if trial.sparsity is not None else []
+        sparse_names = dpr.names + dense_layers if dpr is not None else []
         counts = parameter_counts(plain, sparse_names, c.sparsity, (c.block_size,) * 2 if c.granularity == "block" else None)
         prov = provenance(self.device)
-        data = self.data
+        data = self.engine.data
         write_config(trial.out, c, {
             "init_seed": init_seed(c), "trained_with_seeds": [d.seed for d in configs],
-            "layers_kept_dense": trial.dense_layers, "world_size": self.dist.world_size,
+            "layers_kept_dense": dense_layers, "world_size": self.dist.world_size,
             "device_name": prov["device"]["gpu_name"] or prov["device"]["cpu"], "provenance": prov,
             "dataset": {"description": data.description, "source": data.source, "sha256": data.checksum,
                      "train_images": len(data.train_images), "test_images": len(data.test_images)},
@@ -186,82 +148,43 @@ class Trainer:
                     self.stop(signum)
                 if due == "stop-after":
                     break
-        self.dist.check_replicas(list(self.model.parameters()), "parameters")
+        self.dist.check_replicas(list(self.engine.model.parameters()), "parameters")
         if progress.epoch < cfg.epochs:
             console.print(f"--stop-after {cfg.stop_after:g}: stopped at epoch {progress.epoch}, step "
                           f"{progress.step_in_epoch} of it; continue with --resume")
             self.dist.close()
             return [None] * self.T
-        summaries = [self.finish(trial) for trial in self.trials] if self.dist.is_main else [None] * self.T
+        summaries = [self.finish(t) for t in range(self.T)] if self.dist.is_main else [None] * self.T
         self.dist.close()
         return summaries
 
     def start_epoch(self, epoch: int) -> None:
-        """Epoch start: gmp pruning (at a fresh epoch), the lr, the reallocation period, each trial's data order."""
-        cfg = self.cfg
-        if self.trials[0].state.step_in_epoch == 0:
-            k = gmp_pruning_index(epoch, cfg.gmp_steps, cfg.gmp_interval) if cfg.mode == "gmp" else None
-            for t, trial in enumerate(self.trials):
+        """Epoch start: each trial's epoch accumulators (at a fresh epoch), then the engine's (gmp
+        pruning, lr, data order)."""
+        fresh = self.trials[0].state.step_in_epoch == 0
+        if fresh:
+            for trial in self.trials:
                 trial.state.start_epoch(epoch)
-                if k is not None:
-                    s_k = gmp_sparsity(k, trial.config.sparsity, cfg.gmp_steps)
-                    trial.sparsity.prune_to_sparsity(s_k, trial_optimizer(self.model, self.optimizer, trial.sparse, t))
-                    self.invalidate_graphs()
-        self.lr = value_at(cfg.lr_schedule, epoch)
-        if any(group["lr"] != self.lr for group in self.optimizer.param_groups):
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr
-            self.step_fn.invalidate()  # SGD reads the lr as a number: a captured step holds the old one
-        self.period = int(value_at(cfg.realloc_periods, epoch))
-        n = len(self.data.train_images)
-        self.orders = torch.stack([data_lib.epoch_permutation(n, trial.config.seed, epoch, self.device)
-                                   for trial in self.trials])  # int64 [T, n]
+        self.engine.start_epoch(epoch, fresh)
+        self.lr = self.engine.lr
         self.tick, self.images_this_process = time.perf_counter(), 0
 
     def step(self, epoch: int, step: int) -> None:
-        """One training step of every trial (each on its own batch, a function of (seed, step)), then
-        the reallocations that are due."""
-        bs, data, dist = self.cfg.batch_size, self.data, self.dist
-        idx = self.orders[:, step * bs:(step + 1) * bs]  # [T, B]; every rank draws the whole batch, trains on its share
-        generators = [seeded_generator(self.device, trial.config.seed, trial.state.global_step) for trial in self.trials]
-        x = data_lib.augment_trials(data.train_images[idx], generators)  # [B, T * 3, 32, 32]
-        batch = idx.shape[1]  # images per trial in this step, over all ranks
-        self.step_fn(dist.shard(x), dist.shard(data.train_labels[idx].T))
+        """One training step of every trial and the reallocations that are due (Engine.step), counted."""
+        try:
+            results = self.engine.step(step)
+        except NonFiniteWeights as e:
+            raise Diverged(f"{', '.join(str(self.trials[t].out) for t in e.trials)}: {e}") from None
+        batch = self.engine.batch_size(step)  # images per trial in this step, over all ranks
         self.images_this_process += batch
-        due = []
         for t, trial in enumerate(self.trials):
             state = trial.state
             state.seen += batch
             state.global_step += 1
             state.step_in_epoch = step + 1
-            if trial.reallocator is not None and epoch < trial.config.dpr_stop_epoch and state.global_step % self.period == 0:
-                due.append(t)
-        if due:
-            self.reallocate(due)
-
-    def reallocate(self, due: list[int]) -> None:
-        """One DPR reallocation of each trial in `due`, all at once (outside the captured step; one
-        host sync for all of them)."""
-        trials = [self.trials[t] for t in due]
-        try:
-            results = reallocate_structures(
-                [trial.sparsity for trial in trials], [trial.reallocator for trial in trials], trials[0].state.global_step,
-                [trial_optimizer(self.model, self.optimizer, trial.sparse, t) for t, trial in zip(due, trials)],
-                self.cfg.keep_momentum)
-        except NonFiniteWeights as e:
-            raise Diverged(f"{', '.join(str(trials[i].out) for i in e.trials)}: {e}") from None
-        for trial, result in zip(trials, results):
-            trial.state.moved += result.pruned
-            trial.state.reallocations += 1
-        if self.cfg.granularity == "block":
-            self.invalidate_graphs()  # new packed parameters
-        if self.dist.enabled:
-            self.dist.check_replicas([trial.sparsity.flat_mask() for trial in trials], "sparse structures")
-
-    def invalidate_graphs(self) -> None:
-        """Parameters or masks were replaced: the captured training step and evaluation capture again."""
-        self.step_fn.invalidate()
-        self.evaluation.invalidate()
+            if t in results:
+                state.moved += results[t].pruned
+                state.reallocations += 1
 
     def pause(self, step: int, epoch_end: bool) -> tuple[int, str | None]:
         """After a step: (signal number or 0, why a checkpoint is due: 'stop-after', 'time', 'steps' or None).
@@ -285,7 +208,7 @@ class Trainer:
 
     def bank_accumulators(self) -> None:
         """Move the device-side accumulators into each trial's RunState (one host sync); Diverged if non-finite."""
-        losses, correct = self.step_fn.take_accumulators()
+        losses, correct = self.engine.take_accumulators()
         seconds = time.perf_counter() - self.tick
         bad = [str(t.out) for t, loss in zip(self.trials, losses) if not math.isfinite(loss)]
         if bad:
@@ -309,27 +232,21 @@ class Trainer:
         if not self.dist.is_main:
             return
         trial = self.trials[t]
-        save_checkpoint({
-            "identity": identity(trial.config), "model": self.model.trial_state_dict(t),
-            "optimizer": trial_optimizer_state_dict(self.model, self.optimizer, t),
-            "masks": trial.sparsity.state_dict() if trial.sparsity is not None else None,
-            "reallocator": trial.reallocator.state_dict() if trial.reallocator is not None else None,
-            "progress": asdict(trial.state), "metrics": trial.records, "rng": {"torch": torch.get_rng_state()},
-        }, trial.out / name)
+        save_checkpoint({"identity": identity(trial.config), **self.engine.state_dict(t),
+                         "progress": asdict(trial.state), "metrics": trial.records}, trial.out / name)
 
     def end_epoch(self, epoch: int) -> None:
         """One sync for the accumulators, evaluation, metrics, then best.pt / epochE.pt before last.pt."""
         self.bank_accumulators()
-        self.dist.broadcast_buffers_(self.model)  # BN statistics of rank 0, so every rank evaluates the same model
-        test_losses, test_accs = self.evaluation()
+        test_losses, test_accs = self.engine.evaluate()
         for t, trial in enumerate(self.trials):
-            state, c = trial.state, trial.config
+            state, c, dpr = trial.state, trial.config, self.engine.dprs[t]
             record = {
                 "epoch": epoch, "train_loss": state.loss_sum / state.seen, "train_acc": state.correct / state.seen,
                 "test_loss": test_losses[t], "test_acc": test_accs[t], "lr": self.lr,
-                "threshold": trial.reallocator.threshold if trial.reallocator is not None else None,
+                "threshold": dpr.threshold if dpr is not None else None,
                 "weights_moved": state.moved, "reallocations": state.reallocations,
-                "density": trial.sparsity.densities() if trial.sparsity is not None else None,
+                "density": dpr.densities() if dpr is not None else None,
                 "seconds": state.epoch_seconds, "images_per_s": state.epoch_images / max(state.epoch_seconds, 1e-9),
                 "trials_in_process": self.T,
             }
@@ -339,7 +256,7 @@ class Trainer:
                     (f"seed {c.seed}  " if self.T > 1 else "")
                     + f"epoch {epoch + 1:>3}/{c.epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.2%}  "
                     f"test loss {test_losses[t]:.3f} acc {test_accs[t]:.2%}  lr {self.lr:g}"
-                    + (f"  H {record['threshold']:.3g} moved {state.moved}" if trial.reallocator is not None else "")
+                    + (f"  H {record['threshold']:.3g} moved {state.moved}" if record["threshold"] is not None else "")
                     + f"  {self.T * record['images_per_s']:,.0f} img/s" + (" (all trials)" if self.T > 1 else ""),
                     highlight=False)
             state.seconds += state.epoch_seconds
@@ -356,14 +273,15 @@ class Trainer:
                 write_metrics(trial.out, trial.records)
         self.last_checkpoint = time.perf_counter()
 
-    def finish(self, trial: Trial) -> dict:
+    def finish(self, t: int) -> dict:
         """Write a trial's final structure and its summary.json (which marks the run finished); block
         mode also exports the final weights as a plain dense state_dict (final_dense.pt)."""
-        c, sparsity, out, metrics = trial.config, trial.sparsity, trial.out, trial.records
+        trial, sparsity = self.trials[t], self.engine.dprs[t]
+        c, out, metrics = trial.config, trial.out, trial.records
         if sparsity is not None:
-            save_tensors(sparsity.state_dict(), out / "final_masks.pt")
+            save_tensors(sparsity.structure.state_dict(), out / "final_masks.pt")
         if c.granularity == "block":
-            save_tensors(dense_state_dict(self.model), out / "final_dense.pt")
+            save_tensors(dense_state_dict(self.engine.model), out / "final_dense.pt")
         summary = {
             "mode": c.mode, "granularity": c.granularity, "sparsity": c.sparsity if sparsity is not None else 0.0,
             "seed": c.seed, "depth": c.depth, "width": c.width, "epochs": c.epochs,
@@ -373,7 +291,7 @@ class Trainer:
             "nonzero_sparse_weights": sum(sparsity.nonzero_counts()) if sparsity is not None else None,
             "train_seconds": sum(m["seconds"] for m in metrics),
             "wall_seconds_this_process": time.perf_counter() - self.started,
-            "data": self.data.description, "run_dir": str(out),
+            "data": self.engine.data.description, "run_dir": str(out),
         }
         write_summary(out, summary)
         table = Table(title="run summary")

@@ -1,6 +1,6 @@
 """What a trial starts from: device, initial weights, initial structure (one function per job).
 
-Used by the training loop (blockdpr/loop.py) when it sets a run up.
+Used by the training engine (blockdpr/engine.py) and the run around it (blockdpr/loop.py).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import torch
 
 from . import data as data_lib
 from .distributed import Distributed
-from .sparsity import SparseStructure
+from .sparsity import DPR
 from .stacked import StackedWideResNet, link_grads, per_trial_cross_entropy, stacked_input
 
 # AUTOCAST: bf16 autocast runs without its cast cache, as torch requires of autocast in CUDA graphs
@@ -82,15 +82,16 @@ class TrainStep:
     """The training step of T stacked trials.
 
     model: the stacked model (its parameters); net: what runs the forward (model, or compiled).
-    sparsities / views: per trial, its sparse structure (None for dense) and sparse-tensor views.
+    dprs / views: per trial, its DPR object (None for dense; it masks gradients before the shared
+    optimizer's step and weights after it) and sparse-tensor views.
     Accumulators: loss_sum float64 [T] (sum of per-image losses), correct int64 [T].
     """
 
     def __init__(self, model: StackedWideResNet, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 sparsities: list[SparseStructure | None], views: list[dict[str, torch.Tensor]], dist: Distributed,
+                 dprs: list[DPR | None], views: list[dict[str, torch.Tensor]], dist: Distributed,
                  amp: bool = False, channels_last: bool = False, static: bool = False, graph: bool = False):
         self.model, self.net, self.optimizer, self.dist = model, net, optimizer, dist
-        self.sparsities = [s for s in sparsities if s is not None]
+        self.dprs = [d for d in dprs if d is not None]
         self.views = views
         self.amp, self.channels_last = amp, channels_last
         device = next(model.parameters()).device
@@ -114,11 +115,11 @@ class TrainStep:
         losses.sum().backward()
         self.dist.average_gradients_(list(self.model.parameters()))
         link_grads(self.model, self.views)
-        for sparsity in self.sparsities:
-            sparsity.mask_grads_()
+        for dpr in self.dprs:
+            dpr.mask_gradients()
         self.optimizer.step()
-        for sparsity in self.sparsities:
-            sparsity.apply_()
+        for dpr in self.dprs:
+            dpr.mask_weights()
         self.loss_sum += losses.detach().double() * len(y)
         self.correct += (logits.argmax(2) == y).sum(0)
 

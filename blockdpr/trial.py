@@ -1,19 +1,18 @@
-"""One trial of a process (a process may train several, stacked): its settings, structure,
-reallocator and progress (RunState, saved in every checkpoint), and the repair of its best.pt."""
+"""One trial of a run (a process may train several, stacked): its settings, progress (RunState, saved
+in every checkpoint) and metrics, and the repair of its best.pt. Its model, structure and DPR object
+live in the engine (blockdpr/engine.py)."""
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
 
-import torch
 from rich.console import Console
 
 from .checkpoint import load_checkpoint
 from .cli import escape
 from .config import RunConfig
 from .runinfo import atomic_write
-from .sparsity import Reallocator, SparseStructure
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -44,13 +43,9 @@ class RunState:
 
 @dataclass
 class Trial:
-    """One run of a process that may train several: its settings, structure, reallocator and progress."""
+    """One run of a process that may train several: its settings, progress and metrics."""
 
     config: RunConfig
-    sparse: dict[str, torch.Tensor]  # its sparse weights (views of the stacked model's parameters)
-    sparsity: SparseStructure | None
-    reallocator: Reallocator | None
-    dense_layers: list[str]  # block mode: sparse convs the block does not tile, kept dense
     state: RunState = field(default_factory=RunState)
     records: list[dict] = field(default_factory=list)  # metrics.jsonl: one record per finished epoch
 

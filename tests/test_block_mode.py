@@ -135,7 +135,7 @@ def test_layers_the_block_does_not_tile_stay_dense_and_bad_blocks_are_refused():
     sparsity, dense = to_block_sparse(model, names, 32, 0.5, seed=0)
     assert dense == ["group1.0.conv1.weight", "group1.0.conv2.weight", "group2.0.conv1.weight"]
     assert len(sparsity.layers) == len(names) - 3
-    with pytest.raises(ValueError, match="--block-size must be one of"):
+    with pytest.raises(ValueError, match=r"block=24 must be one of \(16, 32, 64\)"):
         to_block_sparse(WideResNet(10, 1), names, 24, 0.5, seed=0)
 
 

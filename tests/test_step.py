@@ -7,13 +7,13 @@ import functools
 import pytest
 import torch
 
-from blockdpr import loop
+from blockdpr import engine
 
 from blockdpr.distributed import Distributed
 from blockdpr.models import WideResNet
-from blockdpr.sparsity import DPRConfig, ElementSparsity, Reallocator
-from blockdpr.stacked import StackedWideResNet
-from blockdpr.loop import Trainer
+from blockdpr.sparsity import DPR, ElementSparsity
+from blockdpr.stacked import StackedWideResNet, trial_optimizer
+from blockdpr.engine import Engine
 from blockdpr.step import Evaluation, TrainStep
 from blockdpr.setup import sgd
 from blockdpr.train import main, parse_configs
@@ -26,13 +26,15 @@ def setup(static: bool, trials: int):
     model = StackedWideResNet(trials, 10, 1)
     model.load_trial_state_dicts([WideResNet(10, 1).state_dict() for _ in range(trials)])
     views = [model.trial_sparse_tensors(t) for t in range(trials)]
-    sparsities = [ElementSparsity.random(v, 0.9, seed=t) for t, v in enumerate(views)]
-    for s in sparsities:
-        s.apply_()
-    reallocators = [Reallocator(s.segments.sizes, DPRConfig(50, 0.1, 0.05), seed=t) for t, s in enumerate(sparsities)]
     optimizer = sgd(model.parameters())
-    step = TrainStep(model, model, optimizer, sparsities, views, Distributed(), static=static)
-    return model, sparsities, reallocators, optimizer, step
+    dprs = []
+    for t, v in enumerate(views):
+        structure = ElementSparsity.random(v, 0.9, seed=t)
+        structure.apply_()
+        dprs.append(DPR.from_structure(structure, None, target_pruned=50, tolerance=0.1, initial_threshold=0.05, seed=t,
+                                       optimizer_state=lambda v=v, t=t: trial_optimizer(model, optimizer, v, t)))
+    step = TrainStep(model, model, optimizer, dprs, views, Distributed(), static=static)
+    return model, dprs, optimizer, step
 
 
 def _batch(trials: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,16 +47,16 @@ def _batch(trials: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_static_buffer_step_equals_eager_step_through_a_reallocation(trials):
     runs = []
     for static in (False, True):
-        model, sparsities, reallocators, optimizer, step = setup(static, trials)
-        masks = [m for s in sparsities for m in s.masks]
+        model, dprs, optimizer, step = setup(static, trials)
+        masks = [m for d in dprs for m in d.structure.masks]
         losses = []
         for i in range(4):
             step(*_batch(trials, i))
             losses.append(step.loss_sum.clone())
             if i == 1:
-                for s, r in zip(sparsities, reallocators):
-                    assert s.reallocate(r, i, optimizer).pruned > 0
-        assert all(a is b for a, b in zip(masks, [m for s in sparsities for m in s.masks])), \
+                for d in dprs:
+                    assert d.reallocate().pruned > 0
+        assert all(a is b for a, b in zip(masks, [m for d in dprs for m in d.structure.masks])), \
             "masks are updated in place"
         runs.append((losses, [m.clone() for m in masks], {k: v.clone() for k, v in model.state_dict().items()}))
     (loss_a, masks_a, state_a), (loss_b, masks_b, state_b) = runs
@@ -69,8 +71,8 @@ def test_a_run_on_the_static_step_path_equals_the_eager_run(tmp_path, tiny_cifar
     flags = [*TINY, "--data", str(tiny_cifar), "--train-subset", "60", "--test-subset", "20", "--epochs", "2",
              "--realloc-periods", "0:2", "--target-pruned", "100", "--lr-schedule", "0:0.1,1:0.05"]
     main([*flags, "--out", str(tmp_path / "eager")])
-    monkeypatch.setattr(loop, "TrainStep", functools.partial(TrainStep, static=True))
-    monkeypatch.setattr(loop, "Evaluation", functools.partial(Evaluation, static=True))
+    monkeypatch.setattr(engine, "TrainStep", functools.partial(TrainStep, static=True))
+    monkeypatch.setattr(engine, "Evaluation", functools.partial(Evaluation, static=True))
     main([*flags, "--out", str(tmp_path / "static")])
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("eager", "static"))
     assert a["metrics"][-1]["reallocations"] > 0, "the runs must include reallocations"
@@ -80,7 +82,7 @@ def test_a_run_on_the_static_step_path_equals_the_eager_run(tmp_path, tiny_cifar
 
 
 def _dense_setup(trials: int):
-    model, _, _, optimizer, _ = setup(False, trials)
+    model, _, optimizer, _ = setup(False, trials)
     views = [model.trial_sparse_tensors(t) for t in range(trials)]
     return model, TrainStep(model, model, optimizer, [None] * trials, views, Distributed())
 
@@ -91,7 +93,7 @@ def test_the_dpr_step_has_no_host_sync_and_adds_two_foreach_ops_per_trial_to_the
     capture it, and eagerly it would stall the launch queue), and DPR's whole per-step cost over the
     dense step is masking the gradients and the weights, one foreach op each per trial."""
     work = {}
-    for name, step in (("dense", _dense_setup(trials)[1]), ("dpr", setup(False, trials)[4])):
+    for name, step in (("dense", _dense_setup(trials)[1]), ("dpr", setup(False, trials)[3])):
         step(*_batch(trials, 0))  # the first step creates gradients and momentum buffers
         with record_work() as work[name]:
             step(*_batch(trials, 1))
@@ -109,17 +111,18 @@ def test_trainer_steps_have_no_host_sync_and_a_reallocation_syncs_once(tmp_path,
     waits for the device; the trials' reallocations read their per-tensor counts once, together."""
     configs = parse_configs([*TINY, "--data", str(tiny_cifar), "--train-subset", "100", "--test-subset", "20",
                              "--realloc-periods", "0:4", "--seeds", seeds, "--out", str(tmp_path / "run-{seed}")])
-    trainer = Trainer(configs)
+    trainer = Engine(configs)
     trainer.start_epoch(0)
-    trainer.step(0, 0)  # creates the gradients and momentum buffers
+    trainer.step(0)  # creates the gradients and momentum buffers
     with record_work() as steps:
         for step in (1, 2):
-            trainer.step(0, step)
+            assert trainer.step(step) == {}
     assert steps.ops["aten._foreach_zero_"] == 2, "two steps ran (one zero_grad each)"
     assert not steps.syncs
     with record_work() as realloc:
-        trainer.step(0, 3)  # the fourth step reallocates
-    assert [t.state.reallocations for t in trainer.trials] == [1] * len(configs)
+        results = trainer.step(3)  # the fourth step reallocates
+    assert sorted(results) == list(range(len(configs)))
+    assert not list(tmp_path.glob("run-*")), "the engine writes no run directory"
     assert realloc.syncs == collections.Counter({"numpy": 1, "from_host": 1})  # the counts out, r_i back
 
 
@@ -153,11 +156,11 @@ def test_a_loop_step_grows_only_by_each_trials_own_draws_and_masks(tmp_path, tin
     for seeds in ("0,1,2", "0,1,2,3,4"):
         configs = parse_configs([*TINY, "--data", str(tiny_cifar), "--train-subset", "100", "--test-subset", "20",
                                  "--seeds", seeds, "--out", str(tmp_path / f"{len(seeds)}-{{seed}}")])
-        trainer = Trainer(configs)
+        trainer = Engine(configs)
         trainer.start_epoch(0)
-        trainer.step(0, 0)
+        trainer.step(0)
         with record_work() as work[seeds]:
-            trainer.step(0, 1)
+            trainer.step(1)
     extra = work["0,1,2,3,4"].ops - work["0,1,2"].ops
     assert extra == collections.Counter({"aten.randint": 3 * 2, "aten._to_copy": 2, "aten._foreach_mul_": 2 * 2})
     assert not work["0,1,2"].ops - work["0,1,2,3,4"].ops

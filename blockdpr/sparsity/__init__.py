@@ -6,9 +6,10 @@ from .gmp import gmp_pruning_index, gmp_sparsity
 from .reallocator import (DPRConfig, NonFiniteWeights, ReallocationResult, Reallocator, reallocate_together,
                           split_regrowth)
 from .select import Segments, seeded_generator
+from .dpr import DPR, PAPER_REALLOC_PERIODS, PAPER_TARGET_FRACTION, EpochSchedule
 
 __all__ = [
-    "DPRConfig", "ElementSparsity", "NonFiniteWeights", "ReallocationResult", "Reallocator", "Segments", "SparseStructure",
+    "DPR", "DPRConfig", "EpochSchedule", "PAPER_REALLOC_PERIODS", "PAPER_TARGET_FRACTION", "ElementSparsity", "NonFiniteWeights", "ReallocationResult", "Reallocator", "Segments", "SparseStructure",
     "random_structure", "gmp_pruning_index", "gmp_sparsity", "initial_keep_count", "reallocate_structures",
     "reallocate_together", "seeded_generator", "split_regrowth",
 ]

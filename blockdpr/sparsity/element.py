@@ -124,7 +124,8 @@ class ElementSparsity(SparseStructure):
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: m.cpu().clone() for n, m in zip(self.names, self.masks)}
 
-    def load_state_dict(self, masks: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, masks: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install saved masks in place (the parameters stay: `optimizer` needs no news)."""
         if list(masks) != self.names:
             raise ValueError(f"mask names do not match the model's sparse tensors: {list(masks)} vs {self.names}")
         for n, m, p in zip(self.names, masks.values(), self.params):

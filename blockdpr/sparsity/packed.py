@@ -1,8 +1,8 @@
-"""Block mode: sparse convs that store only their active blocks and run on blockdpr_kernels.
+"""Block mode: sparse convs and linears that store only their active blocks and run on blockdpr_kernels.
 
-The layer is blockdpr_kernels.BlockSparseConv2d: `values` [nnz, b_out, b_in] (its only weight
-parameter; its gradient and optimizer state have the same packed shape) and a BlockLayout of its
-weight matrix [C_out, kh * kw * C_in]. No dense copy of the weight exists. BlockSparsity is the
+The layers are blockdpr_kernels.BlockSparseConv2d / BlockSparseLinear: `values` [nnz, b_out, b_in]
+(the only weight parameter; its gradient and optimizer state have the same packed shape) and a
+BlockLayout of the weight matrix ([C_out, kh * kw * C_in] for a conv, [out, in] for a linear). No dense copy of the weight exists. BlockSparsity is the
 storage the reallocator works on: a reallocation gives each layer a new layout and values
 (`set_layout`) and the optimizer the matching state, survivors keeping both, regrown blocks
 starting at zero with zero state.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockdpr_kernels import CONV_BLOCKS, BlockLayout, BlockSparseConv2d
+from blockdpr_kernels import CONV_BLOCKS, LINEAR_BLOCKS, BlockLayout, BlockSparseConv2d, BlockSparseLinear
 
 from .blocks import block_grid, weight_to_matrix
 from .select import Segments
@@ -23,7 +23,7 @@ from .structure import SparseStructure, random_structure
 class BlockSparsity(SparseStructure):
     """The packed block-sparse layers of a model, as one set of reallocation units (blocks)."""
 
-    def __init__(self, layers: dict[str, BlockSparseConv2d]):
+    def __init__(self, layers: dict[str, BlockSparseConv2d | BlockSparseLinear]):
         if not layers:
             raise ValueError("BlockSparsity needs at least one layer")
         self.names = list(layers)
@@ -82,9 +82,10 @@ class BlockSparsity(SparseStructure):
         """Block masks [grid] per layer (the values are in the model's state_dict)."""
         return {n: m.layout.mask.cpu() for n, m in zip(self.names, self.layers)}
 
-    def load_state_dict(self, masks: dict[str, torch.Tensor]) -> None:
-        """Install saved block masks with zero values of the matching packed shape (new
-        Parameters: build the optimizer afterwards); load the model's state_dict to fill them."""
+    def load_state_dict(self, masks: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install saved block masks with zero values of the matching packed shape (new Parameters,
+        which `optimizer` is told of, with empty state; else build the optimizer afterwards); load the
+        model's state_dict (and the optimizer's) to fill them."""
         if list(masks) != self.names:
             raise ValueError(f"block mask names do not match the model's block-sparse layers: {list(masks)} vs {self.names}")
         for n, m in zip(self.names, self.layers):
@@ -92,15 +93,21 @@ class BlockSparsity(SparseStructure):
             if mask.shape != m.layout.mask.shape or mask.dtype != torch.bool:
                 raise ValueError(f"block mask of {n} must be bool {tuple(m.layout.mask.shape)}, got {mask.dtype} {tuple(mask.shape)}")
             layout = BlockLayout(mask.to(m.values.device), m.block)
+            old = m.values
             m.set_layout(layout, m.values.new_zeros(layout.nnz, *m.block))
+            if optimizer is not None:
+                _replace_in_optimizer(optimizer, old, m.values, None)
 
 
 def _replace_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, remap) -> None:
     """Make `optimizer` hold `new` where it held `old`; its state tensors shaped like `old` are
-    carried over through `remap` (scalars such as Adam's step are kept as they are)."""
+    carried over through `remap` (scalars such as Adam's step are kept as they are); remap None:
+    the state is dropped."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, {})
+    if remap is None:
+        return
     optimizer.state[new] = {k: remap(v) if torch.is_tensor(v) and v.shape == old.shape else v for k, v in state.items()}
 
 
@@ -110,31 +117,41 @@ def _gather_blocks(values: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_((source < 0).view(-1, *([1] * (values.dim() - 1))), 0)
 
 
+BLOCK_SPARSE_LAYERS = (BlockSparseConv2d, BlockSparseLinear)
+
+
+def check_block(block: int, convs: bool) -> None:
+    """ValueError in the library's words unless `block` is a size the kernels take (convs: CONV_BLOCKS)."""
+    allowed = CONV_BLOCKS if convs else LINEAR_BLOCKS
+    if block not in allowed:
+        raise ValueError(f"block={block} must be one of {allowed}" + (" for convolutions" if convs else ""))
+
+
 def to_block_sparse(model: nn.Module, names: list[str], block: int, sparsity: float, seed: int,
                     masks: dict[str, torch.Tensor] | None = None) -> tuple[BlockSparsity, list[str]]:
-    """Replace the convs `names` (weights, e.g. 'group1.0.conv1.weight') of `model` by
-    BlockSparseConv2d with (block x block) blocks, in place.
+    """Replace the convs and linears `names` (weights, e.g. 'group1.0.conv1.weight') of `model` by
+    BlockSparseConv2d / BlockSparseLinear with (block x block) blocks, in place.
 
     Structure: `masks` (name -> bool grid) if given, else uniformly random, each layer keeping
-    initial_keep_count(blocks, sparsity) blocks. Convs whose channels the block does not divide
-    stay dense; their names are returned as the second value so the run can report them.
+    initial_keep_count(blocks, sparsity) blocks. Layers whose channels the block does not divide
+    stay dense; their names are returned as the second value so the caller can report them.
     """
-    if block not in CONV_BLOCKS:
-        raise ValueError(f"--block-size must be one of {CONV_BLOCKS} for convolutions, got {block}")
     modules = dict(model.named_modules())
-    convs = {n: modules[n.rsplit(".", 1)[0]] for n in names}
-    blockable = {n: c for n, c in convs.items() if block_grid(c.weight.shape, (block, block)) is not None}
+    layers_of = {n: modules[n.rsplit(".", 1)[0]] for n in names}
+    check_block(block, any(isinstance(m, nn.Conv2d) for m in layers_of.values()))
+    blockable = {n: c for n, c in layers_of.items() if block_grid(c.weight.shape, (block, block)) is not None}
     dense = [n for n in names if n not in blockable]
     if not blockable:
-        raise ValueError(f"block size {block} divides the channels of none of the sparse layers; use a smaller --block-size")
+        raise ValueError(f"block={block} tiles none of the sparse layers ({len(names)} of them): choose a smaller block")
     grids = {n: block_grid(c.weight.shape, (block, block)) for n, c in blockable.items()}
     if masks is None:
         segments = Segments([g[0] * g[1] for g in grids.values()], next(model.parameters()).device)
         flat = random_structure(segments, sparsity, seed)
         masks = {n: m.view(grids[n]) for n, m in zip(blockable, segments.split(flat))}
     layers = {}
-    for name, conv in blockable.items():
-        layer = BlockSparseConv2d.from_dense(conv, block=(block, block), mask=masks[name].to(conv.weight.device))
+    for name, dense_layer in blockable.items():
+        kind = BlockSparseConv2d if isinstance(dense_layer, nn.Conv2d) else BlockSparseLinear
+        layer = kind.from_dense(dense_layer, block=(block, block), mask=masks[name].to(dense_layer.weight.device))
         parent_name, _, attr = name[: -len(".weight")].rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, layer)
         layers[name] = layer
@@ -143,10 +160,10 @@ def to_block_sparse(model: nn.Module, names: list[str], block: int, sparsity: fl
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A plain dense state_dict: each block-sparse layer's `values` becomes its dense `weight`
-    [C_out, C_in, kh, kw] with zeros where pruned. Loads into the dense model of the same shape."""
+    ([C_out, C_in, kh, kw] or [out, in]) with zeros where pruned. Loads into the dense model of the same shape."""
     state = model.state_dict()
     for name, m in model.named_modules():
-        if isinstance(m, BlockSparseConv2d):
+        if isinstance(m, BLOCK_SPARSE_LAYERS):
             del state[f"{name}.values"], state[f"{name}.block_mask"]
             state[f"{name}.weight"] = m.to_dense()
     return state
@@ -158,7 +175,7 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     Layers get new Parameters: build the optimizer afterwards."""
     state = dict(state)
     for name, m in model.named_modules():
-        if isinstance(m, BlockSparseConv2d):
+        if isinstance(m, BLOCK_SPARSE_LAYERS):
             weight = state.pop(f"{name}.weight", None)
             if weight is None or tuple(weight.shape) != m.weight_shape:
                 found = None if weight is None else tuple(weight.shape)

@@ -1,0 +1,268 @@
+"""DPR: dynamic parameter reallocation for any model and training loop, in one object.
+
+    dpr = DPR(model, optimizer, sparsity=0.9)                                    # element mode
+    dpr = DPR(model, optimizer, sparsity=0.9, granularity="block", block=32)     # packed blocks
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        dpr.step()          # instead of optimizer.step()
+
+`step()` masks the gradients, runs the optimizer, re-masks the weights (so a pruned weight is
+exactly zero through momentum, weight decay and Adam) and, every `period` steps until `stop_step`,
+reallocates: prune below the global threshold H, move H toward the target pruned count, regrow as
+many units at random, split over the tensors by their surviving units (reallocator.py). Regrown
+units start at zero with zero optimizer state (every state tensor shaped like the parameter or its
+packed values; scalar state such as Adam's step is kept).
+
+Layers: every nn.Conv2d and nn.Linear except the first conv and the last linear (the input and
+output layers, which the paper keeps dense), or those for which `include(module, name)` is true.
+Element mode keeps dense weights with masks; block mode replaces the layers in place by
+blockdpr_kernels' BlockSparseConv2d / BlockSparseLinear (only the active blocks are stored and
+computed); a layer the block does not tile stays dense and is named in `dense_layers`.
+
+Randomness comes from generators seeded by (seed, step): data-parallel ranks get the same masks
+without communication, and `state_dict()` (masks, H, step count) is all a resume needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .blocks import weight_to_matrix
+from .element import ElementSparsity
+from .packed import BlockSparsity, _replace_in_optimizer, check_block, to_block_sparse
+from .reallocator import DPRConfig, ReallocationResult, Reallocator
+from .structure import SparseStructure, reallocate_structures
+
+# The paper's reallocation period by epoch (Mostafa & Wang, WRN-28-2 on CIFAR-10): ((epoch, P), ...).
+PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
+# The paper's N_p = 20,000 as a fraction of WRN-28-2's 145,152 active weights at sparsity 0.9.
+PAPER_TARGET_FRACTION = 0.138
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    """A period by epoch as a function of the step: `EpochSchedule(steps_per_epoch)(i)` is the value in
+    force at step i (0-based), i.e. in epoch i // steps_per_epoch. Default: the paper's periods."""
+
+    steps_per_epoch: int
+    schedule: tuple[tuple[int, int], ...] = PAPER_REALLOC_PERIODS
+
+    def __post_init__(self):
+        if self.steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {self.steps_per_epoch}")
+        epochs = [e for e, _ in self.schedule]
+        if not epochs or epochs[0] != 0 or epochs != sorted(set(epochs)) or any(p <= 0 for _, p in self.schedule):
+            raise ValueError(f"schedule must be ((epoch, period), ...) from epoch 0, increasing, periods > 0; "
+                             f"got {self.schedule}")
+
+    def __call__(self, step: int) -> int:
+        epoch = step // self.steps_per_epoch
+        return int([p for e, p in self.schedule if e <= epoch][-1])
+
+
+def default_include(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    """Every Conv2d and Linear but the first conv and the last linear of `model` (module order)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    skip = set(convs[:1] + linears[-1:])
+    return lambda module, name: isinstance(module, (nn.Conv2d, nn.Linear)) and name not in skip
+
+
+class DPR:
+    """Dynamic parameter reallocation over the sparse layers of `model`, driving `optimizer`.
+
+    sparsity: fraction of each chosen layer's weights (element mode) or blocks (block mode) that
+    start inactive. granularity: "element" or "block" (with `block` 16, 32 or 64 for convs; 16, 32,
+    64 or 128 for linears). include: filter_fn(module, name) -> bool choosing the layers (default:
+    see default_include). period: steps between reallocations, an int or a function step -> period
+    (EpochSchedule(steps_per_epoch) is the paper's schedule). stop_step: no reallocation after this
+    step (None: never stops). target_pruned: N_p, a float fraction of the active units (default
+    0.138, the paper's 20,000 of WRN-28-2's 145,152) or an int count. tolerance: delta. initial
+    threshold: H at step 0. seed: the initial structure and every regrowth draw (with the step).
+    keep_momentum (element mode): leave optimizer state of pruned and regrown weights as it is.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsity: float = 0.9, *,
+                 granularity: str = "element", block: int = 32,
+                 include: Callable[[nn.Module, str], bool] | None = None,
+                 period: int | Callable[[int], int] = 100, stop_step: int | None = None,
+                 target_pruned: float | int = PAPER_TARGET_FRACTION, tolerance: float = 0.1,
+                 initial_threshold: float = 0.001, seed: int = 0, keep_momentum: bool = False):
+        if granularity not in ("element", "block"):
+            raise ValueError(f"granularity must be 'element' or 'block', got {granularity!r}")
+        if not 0 < sparsity < 1:
+            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+        check_schedule(period, stop_step, target_pruned, tolerance, initial_threshold)  # before the model changes
+        if keep_momentum and granularity == "block":
+            raise ValueError("keep_momentum has no meaning in block mode: a pruned block's state is dropped with it")
+        include = include or default_include(model)
+        chosen = {f"{name}.weight": m for name, m in model.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and include(m, name)}
+        if not chosen:
+            raise ValueError("no layer to make sparse: include chose no nn.Conv2d or nn.Linear of the model")
+        if granularity == "element":
+            structure = ElementSparsity.random({n: m.weight for n, m in chosen.items()}, sparsity, seed)
+            dense_layers = []
+        else:
+            check_block(block, any(isinstance(m, nn.Conv2d) for m in chosen.values()))
+            structure, dense_layers = to_block_sparse(model, list(chosen), block, sparsity, seed)
+            _move_to_packed(optimizer, chosen, structure)
+        self._init(structure, optimizer, dense_layers, period, stop_step, target_pruned, tolerance,
+                   initial_threshold, seed, keep_momentum)
+        structure.apply_()
+
+    @classmethod
+    def from_structure(cls, structure: SparseStructure, optimizer, *, dynamic: bool = True,
+                       period: int | Callable[[int], int] = 100, stop_step: int | None = None,
+                       target_pruned: float | int = PAPER_TARGET_FRACTION, tolerance: float = 0.1,
+                       initial_threshold: float = 0.001, seed: int = 0, keep_momentum: bool = False,
+                       dense_layers: list[str] = (), optimizer_state: Callable[[], object] | None = None) -> "DPR":
+        """DPR over a storage made elsewhere (e.g. the per-trial views of a stacked model).
+
+        dynamic=False: a fixed structure (masking only; static, reinit, gmp baselines). optimizer:
+        what step() runs (None: the caller steps its own optimizer, calling mask_gradients, then
+        mask_weights, then advance and, when it says so, reallocate); optimizer_state: () -> an object
+        whose .state maps this structure's parameters to their state (default: the optimizer)."""
+        dpr = cls.__new__(cls)
+        dpr._init(structure, optimizer, list(dense_layers), period, stop_step, target_pruned, tolerance,
+                  initial_threshold, seed, keep_momentum, dynamic, optimizer_state)
+        return dpr
+
+    def _init(self, structure, optimizer, dense_layers, period, stop_step, target_pruned, tolerance,
+              initial_threshold, seed, keep_momentum, dynamic=True, optimizer_state=None) -> None:
+        check_schedule(period, stop_step, target_pruned, tolerance, initial_threshold)
+        if keep_momentum and isinstance(structure, BlockSparsity):
+            raise ValueError("keep_momentum has no meaning in block mode: a pruned block's state is dropped with it")
+        self.structure, self.optimizer, self.dense_layers = structure, optimizer, dense_layers
+        self.period, self.stop_step, self.seed, self.keep_momentum = period, stop_step, int(seed), keep_momentum
+        self._optimizer_state = optimizer_state or (lambda: self.optimizer)
+        self.steps = 0  # optimizer steps taken
+        self.reallocator = None
+        if dynamic:
+            count = resolve_target(target_pruned, lambda: int(structure.flat_mask().sum()))
+            self.reallocator = Reallocator(structure.segments.sizes, DPRConfig(count, tolerance, initial_threshold),
+                                           self.seed, structure.segments.device)
+
+    # ---- what a training loop calls ------------------------------------------------------
+    def step(self) -> ReallocationResult | None:
+        """Instead of optimizer.step(): mask gradients, step, re-mask weights, reallocate when due
+        (returns what the reallocation did, or None)."""
+        self.mask_gradients()
+        self.optimizer.step()
+        self.mask_weights()
+        return self.reallocate() if self.advance() else None
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of inactive weights (before the optimizer step; no-op in block mode)."""
+        self.structure.mask_grads_()
+
+    def mask_weights(self) -> None:
+        """Zero the inactive weights (after the optimizer step; no-op in block mode)."""
+        self.structure.apply_()
+
+    def advance(self) -> bool:
+        """Count one optimizer step; whether a reallocation is due after it."""
+        self.steps += 1
+        if self.reallocator is None or (self.stop_step is not None and self.steps > self.stop_step):
+            return False
+        period = self.period(self.steps - 1) if callable(self.period) else self.period
+        return self.steps % period == 0
+
+    def reallocate(self) -> ReallocationResult:
+        """One reallocation now (seeded by (seed, steps)); NonFiniteWeights (nothing changed) on NaN or inf."""
+        return DPR.reallocate_all([self])[0]
+
+    @staticmethod
+    def reallocate_all(dprs: list["DPR"]) -> list[ReallocationResult]:
+        """One reallocation of each of several DPR objects (e.g. the trials of a process, on one step),
+        each as if alone, with one host sync for all."""
+        return reallocate_structures([d.structure for d in dprs], [d.reallocator for d in dprs], dprs[0].steps,
+                                     [d._optimizer_state() for d in dprs], dprs[0].keep_momentum)
+
+    def prune_to_sparsity(self, sparsity: float) -> None:
+        """Magnitude pruning: each tensor keeps its initial_keep_count(units, sparsity) strongest active units
+        (gradual magnitude pruning calls this with a rising sparsity)."""
+        self.structure.prune_to_sparsity(sparsity, self._optimizer_state())
+
+    # ---- reporting -----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The sparse weights, e.g. 'layer1.0.conv1.weight'."""
+        return self.structure.names
+
+    @property
+    def threshold(self) -> float | None:
+        """H (None for a fixed structure)."""
+        return None if self.reallocator is None else self.reallocator.threshold
+
+    @property
+    def target_pruned(self) -> int | None:
+        """N_p in units (elements or blocks)."""
+        return None if self.reallocator is None else self.reallocator.config.target_pruned
+
+    def densities(self) -> dict[str, float]:
+        return self.structure.densities()
+
+    def nonzero_counts(self) -> list[int]:
+        return self.structure.nonzero_counts()
+
+    # ---- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Masks (element masks or block grids, on the CPU), H, the step count and the seed."""
+        return {"masks": self.structure.state_dict(), "steps": self.steps, "seed": self.seed,
+                "reallocator": None if self.reallocator is None else self.reallocator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`. Block mode gets new packed Parameters (the optimizer is told):
+        load this before the model's and the optimizer's state_dicts."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"DPR state: seed {state['seed']} differs from this object's {self.seed}")
+        if (state["reallocator"] is None) != (self.reallocator is None):
+            raise ValueError("DPR state: a fixed structure and a dynamic one do not load into each other")
+        self.structure.load_state_dict(state["masks"], self.optimizer)
+        if self.reallocator is not None:
+            self.reallocator.load_state_dict(state["reallocator"])
+        self.steps = int(state["steps"])
+
+
+def check_schedule(period, stop_step, target_pruned, tolerance: float, initial_threshold: float) -> None:
+    """ValueError / TypeError naming the first bad schedule or DPR setting."""
+    if not callable(period) and (isinstance(period, bool) or not isinstance(period, int) or period <= 0):
+        raise ValueError(f"period must be a positive int or a function step -> period, got {period!r}")
+    if stop_step is not None and stop_step < 0:
+        raise ValueError(f"stop_step must be >= 0 or None, got {stop_step}")
+    resolve_target(target_pruned, lambda: 1)
+    DPRConfig(1, tolerance, initial_threshold)  # its own checks of tolerance and H
+
+
+def resolve_target(target_pruned: float | int, active_units: Callable[[], int]) -> int:
+    """N_p in units: an int is a count; a float is a fraction of active_units() (at least 1)."""
+    if isinstance(target_pruned, bool) or not isinstance(target_pruned, (int, float)):
+        raise TypeError(f"target_pruned must be an int count or a float fraction, got {target_pruned!r}")
+    if isinstance(target_pruned, int):
+        if target_pruned <= 0:
+            raise ValueError(f"target_pruned must be positive, got {target_pruned}")
+        return target_pruned
+    if not 0 < target_pruned <= 1:
+        raise ValueError(f"target_pruned as a fraction of the active units must be in (0, 1], got {target_pruned}")
+    return max(1, round(target_pruned * active_units()))
+
+
+@torch.no_grad()
+def _move_to_packed(optimizer: torch.optim.Optimizer, dense: dict[str, nn.Module], structure: BlockSparsity) -> None:
+    """The optimizer held the dense layers' weight and bias: give it the packed layers' values (state
+    packed) and bias (state carried) instead."""
+    held = {p for group in optimizer.param_groups for p in group["params"]}
+    for name, layer in zip(structure.names, structure.layers):
+        old = dense[name]
+        if old.weight in held:
+            _replace_in_optimizer(optimizer, old.weight, layer.values,
+                                  lambda t, layer=layer: layer.layout.pack(weight_to_matrix(t).contiguous()))
+        if old.bias is not None and old.bias in held:
+            _replace_in_optimizer(optimizer, old.bias, layer.bias, lambda t: t)
+
