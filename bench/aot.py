@@ -77,7 +77,24 @@ def summarize(rows: list[dict]) -> list[dict]:
             max_smem=max((r["smem"] for r in good), default=None),
             smem_overflow=sorted({f"{r['dtype']} b{r['block'][0]} {r['config_label']}" for r in good
                                   if not r["fits_smem"]}),
-            duplicates=sum(1 for r in good if r.get("same_as")), mma=mma))
+            duplicates=sum(1 for r in good if r.get("same_as")), mma=mma, hot_loop=_loop_summary(good)))
+    return out
+
+
+def _loop_summary(rows: list[dict]) -> dict:
+    """Per dtype: the hot loop's instructions per iteration over the configs (min / max, and per MMA
+    instruction at the largest tile), its load kinds, and whether any config divides at run time."""
+    out = {}
+    for dt in sorted({r["dtype"] for r in rows}):
+        loops = [(r["config_label"], r["loop"]) for r in rows if r["dtype"] == dt and r.get("loop")]
+        if not loops:
+            continue
+        counts = [lp["instructions"] for _, lp in loops]
+        label, biggest = max(loops, key=lambda c: (c[1]["mma"], -c[1]["instructions"]))
+        out[dt] = dict(min=min(counts), max=max(counts), largest_tile=label,
+                       largest_tile_instructions=biggest["instructions"], largest_tile_mma=biggest["mma"],
+                       loads=sorted({kind for _, lp in loops for kind in lp["loads"]}),
+                       division=any(lp["division"] for _, lp in loops))
     return out
 
 
@@ -132,15 +149,24 @@ def print_compile(console, rows: list[dict], summary: list[dict], which: str = "
     s = Table(title="AOT compile summary (per kernel and target)")
     dtypes = [d for d in DTYPES if any(d in g["mma"] for g in summary)]
     for col in ("kernel", "target", "compiled", "errors", "max regs", "spilling configs", "max smem KB",
-                "over smem", *(f"MMA {d}" for d in dtypes), "dup cubins"):
+                "over smem", *(f"MMA {d}" for d in dtypes), "loop instr. (bf16)", "dup cubins"):
         s.add_column(col)
     for g in summary:
         s.add_row(f"{g['variant']}.{g['kernel']}", g["target"], f"{g['compiled']}/{g['total']}",
                   _red(g["errors"]), str(g["max_regs"]),
                   _red(len(g["spilling"])) + (f" (max {g['max_spill_bytes']} B)" if g["spilling"] else ""),
                   _kb(g["max_smem"]), _red(len(g["smem_overflow"])), *(g["mma"].get(d, "-") for d in dtypes),
-                  str(g["duplicates"]))
+                  _loop_cell(g["hot_loop"].get("bf16")), str(g["duplicates"]))
     console.print(s)
+
+
+def _loop_cell(loop: dict | None) -> str:
+    """``min-max; 201 for 4 MMA at BM128; LDG+LDGSTS; div`` for the summary table."""
+    if not loop:
+        return "-"
+    cell = (f"{loop['min']}-{loop['max']}; {loop['largest_tile_instructions']} for {loop['largest_tile_mma']} MMA "
+            f"at {loop['largest_tile']}; {'+'.join(loop['loads'])}")
+    return cell + ("; [red]runtime division[/red]" if loop["division"] else "")
 
 
 def _red(n: int) -> str:

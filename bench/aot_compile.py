@@ -23,7 +23,7 @@ from bench.aot_jobs import DTYPES, KERNELS, TARGETS, VARIANTS, config_label
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_DIR = ROOT / "blockdpr_kernels"
-ANALYSIS_VERSION = 1  # bump when the worker's per-cubin analysis changes (invalidates cached rows)
+ANALYSIS_VERSION = 2  # bump when the worker's per-cubin analysis changes (invalidates cached rows)
 
 
 def source_hash() -> str:

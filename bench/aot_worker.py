@@ -19,6 +19,7 @@ import time
 
 from bench.aot_compile import nvidia_tool
 from bench.aot_jobs import DTYPES, KERNELS, PACKAGE, TARGETS, TC_INSTRUCTIONS, VARIANTS, build_signature
+from bench.sass import hot_loop
 
 def _unwrap(obj):
     """Autotuner / Heuristics -> the JITFunction underneath (None if obj is not a triton kernel)."""
@@ -98,7 +99,8 @@ def _pickable(name: str, spec: dict, obj) -> dict | None:
 
 
 def analyse_cubin(cubin: bytes) -> dict:
-    """Registers, stack / local / static shared bytes (cuobjdump) and MMA / spill instruction counts (SASS)."""
+    """Registers, stack / local / static shared bytes (cuobjdump), MMA / spill instruction counts and the
+    hot loop's instructions per iteration (SASS, :func:`bench.sass.hot_loop`)."""
     cuobjdump = nvidia_tool("cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -115,7 +117,7 @@ def analyse_cubin(cubin: bytes) -> dict:
     mma = {op: counts[op] for op in TC_INSTRUCTIONS if counts.get(op)}
     return dict(regs=res.get("reg"), stack=res.get("stack", 0), local=res.get("local", 0),
                 static_smem=res.get("shared", 0), mma=mma, stl=counts.get("STL", 0), ldl=counts.get("LDL", 0),
-                instructions=len(opcodes))
+                instructions=len(opcodes), loop=hot_loop(sass))
 
 
 def _worker_compile(job: dict, kinfo: dict) -> dict:

@@ -140,3 +140,15 @@ def test_a_dying_compiler_process_is_an_error_row(aot):
     info = dict(kernels=aot["kernels"])
     (row,) = compile_jobs([job], info, workers=1, use_cache=False)
     assert "compiler process died: worker exited with code 3" in row["error"] and row["ok"] is False
+
+
+@needs_tools
+def test_every_sm90_kernel_has_a_hot_loop_with_its_mma(aot):
+    """bench.sass finds the K loop of every kernel: the loop that issues the wgmma instructions."""
+    sm90 = [r for r in aot["rows"] if r["target"] == 90 and not r.get("error")]
+    assert sm90
+    missing = [f"{r['variant']}.{r['kernel']} {r['dtype']} {r['config_label']}" for r in sm90
+               if not r["loop"] or not r["loop"]["mma"]]
+    assert not missing, "no loop with MMA found in:\n" + "\n".join(missing)
+    summary = [g for g in aot["summary"] if g["target"] == "sm_90"]
+    assert all(g["hot_loop"]["bf16"]["min"] <= g["hot_loop"]["bf16"]["max"] for g in summary)
