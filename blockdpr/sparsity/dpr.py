@@ -33,9 +33,13 @@ import torch
 from torch import nn
 
 from .blocks import weight_to_matrix
+from .dense_grad import DenseGradCapture
+from .distribution import DISTRIBUTIONS, densities
 from .element import ElementSparsity
 from .packed import BlockSparsity, _replace_in_optimizer, check_block, to_block_sparse
 from .reallocator import DPRConfig, ReallocationResult, Reallocator
+from .rules import RULES, DropAndGrow, DropGrowResult
+from .select import seeded_generator
 from .structure import SparseStructure, reallocate_structures
 
 # The paper's reallocation period by epoch (Mostafa & Wang, WRN-28-2 on CIFAR-10): ((epoch, P), ...).
@@ -85,6 +89,13 @@ class DPR:
     0.138, the paper's 20,000 of WRN-28-2's 145,152) or an int count. tolerance: delta. initial
     threshold: H at step 0. seed: the initial structure and every regrowth draw (with the step).
     keep_momentum (element mode): leave optimizer state of pruned and regrown weights as it is.
+
+    rule: "dsr" (the paper's global adaptive threshold, above), "set" or "rigl" (per tensor: drop the
+    fraction `alpha` of its active units of smallest magnitude, grow as many at random (set) or of
+    largest gradient magnitude (rigl), every `period` steps; rigl decays alpha by a cosine and stops
+    at `t_end`; see sparsity/rules.py). The DSR settings (target_pruned, tolerance,
+    initial_threshold) apply to dsr only. distribution: the initial density per layer, "uniform"
+    (the paper's) or "erk" (Erdos-Renyi-Kernel, sparsity/distribution.py).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsity: float = 0.9, *,
@@ -92,7 +103,8 @@ class DPR:
                  include: Callable[[nn.Module, str], bool] | None = None,
                  period: int | Callable[[int], int] = 100, stop_step: int | None = None,
                  target_pruned: float | int = PAPER_TARGET_FRACTION, tolerance: float = 0.1,
-                 initial_threshold: float = 0.001, seed: int = 0, keep_momentum: bool = False):
+                 initial_threshold: float = 0.001, seed: int = 0, keep_momentum: bool = False,
+                 rule: str = "dsr", alpha: float = 0.3, t_end: int | None = None, distribution: str = "uniform"):
         if granularity not in ("element", "block"):
             raise ValueError(f"granularity must be 'element' or 'block', got {granularity!r}")
         if not 0 < sparsity < 1:
@@ -105,15 +117,22 @@ class DPR:
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and include(m, name)}
         if not chosen:
             raise ValueError("no layer to make sparse: include chose no nn.Conv2d or nn.Linear of the model")
+        drop_and_grow = _drop_and_grow(rule, alpha, t_end)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if granularity == "element":
-            structure = ElementSparsity.random({n: m.weight for n, m in chosen.items()}, sparsity, seed)
+            params = {n: m.weight for n, m in chosen.items()}
+            shares = None if distribution == "uniform" else densities(
+                distribution, [tuple(p.shape) for p in params.values()], sparsity)
+            structure = ElementSparsity.random(params, sparsity, seed, densities=shares)
             dense_layers = []
         else:
             check_block(block, any(isinstance(m, nn.Conv2d) for m in chosen.values()))
-            structure, dense_layers = to_block_sparse(model, list(chosen), block, sparsity, seed)
+            structure, dense_layers = to_block_sparse(model, list(chosen), block, sparsity, seed,
+                                                      distribution=distribution)
             _move_to_packed(optimizer, chosen, structure)
         self._init(structure, optimizer, dense_layers, period, stop_step, target_pruned, tolerance,
-                   initial_threshold, seed, keep_momentum)
+                   initial_threshold, seed, keep_momentum, drop_and_grow=drop_and_grow)
         structure.apply_()
 
     @classmethod
@@ -121,7 +140,8 @@ class DPR:
                        period: int | Callable[[int], int] = 100, stop_step: int | None = None,
                        target_pruned: float | int = PAPER_TARGET_FRACTION, tolerance: float = 0.1,
                        initial_threshold: float = 0.001, seed: int = 0, keep_momentum: bool = False,
-                       dense_layers: list[str] = (), optimizer_state: Callable[[], object] | None = None) -> "DPR":
+                       dense_layers: list[str] = (), optimizer_state: Callable[[], object] | None = None,
+                       rule: str = "dsr", alpha: float = 0.3, t_end: int | None = None) -> "DPR":
         """DPR over a storage made elsewhere (e.g. the per-trial views of a stacked model).
 
         dynamic=False: a fixed structure (masking only; static, reinit, gmp baselines). optimizer:
@@ -130,11 +150,12 @@ class DPR:
         whose .state maps this structure's parameters to their state (default: the optimizer)."""
         dpr = cls.__new__(cls)
         dpr._init(structure, optimizer, list(dense_layers), period, stop_step, target_pruned, tolerance,
-                  initial_threshold, seed, keep_momentum, dynamic, optimizer_state)
+                  initial_threshold, seed, keep_momentum, dynamic, optimizer_state,
+                  _drop_and_grow(rule, alpha, t_end) if dynamic else None)
         return dpr
 
     def _init(self, structure, optimizer, dense_layers, period, stop_step, target_pruned, tolerance,
-              initial_threshold, seed, keep_momentum, dynamic=True, optimizer_state=None) -> None:
+              initial_threshold, seed, keep_momentum, dynamic=True, optimizer_state=None, drop_and_grow=None) -> None:
         check_schedule(period, stop_step, target_pruned, tolerance, initial_threshold)
         if keep_momentum and isinstance(structure, BlockSparsity):
             raise ValueError("keep_momentum has no meaning in block mode: a pruned block's state is dropped with it")
@@ -143,19 +164,53 @@ class DPR:
         self._optimizer_state = optimizer_state or (lambda: self.optimizer)
         self.steps = 0  # optimizer steps taken
         self.reallocator = None
-        if dynamic:
+        self.dynamic = dynamic
+        self.drop_and_grow: DropAndGrow | None = drop_and_grow  # set / rigl; None: dsr (or fixed)
+        self._capture: DenseGradCapture | None = None  # block-mode rigl: open around an update step
+        if dynamic and drop_and_grow is None:
             count = resolve_target(target_pruned, lambda: int(structure.flat_mask().sum()))
             self.reallocator = Reallocator(structure.segments.sizes, DPRConfig(count, tolerance, initial_threshold),
                                            self.seed, structure.segments.device)
+        self._open_capture_if_due()
+
+    @property
+    def rule(self) -> str | None:
+        """"dsr", "set" or "rigl"; None for a fixed structure."""
+        return None if not self.dynamic else self.drop_and_grow.name if self.drop_and_grow else "dsr"
 
     # ---- what a training loop calls ------------------------------------------------------
-    def step(self) -> ReallocationResult | None:
+    def step(self) -> ReallocationResult | DropGrowResult | None:
         """Instead of optimizer.step(): mask gradients, step, re-mask weights, reallocate when due
-        (returns what the reallocation did, or None)."""
+        (returns what the reallocation did, or None). RigL reads the gradient magnitudes of the
+        step that ends with an update before they are masked."""
+        grads = self.gradient_scores() if self._needs_gradients(self.steps + 1) else None
         self.mask_gradients()
         self.optimizer.step()
         self.mask_weights()
-        return self.reallocate() if self.advance() else None
+        result = self.reallocate(grads) if self.advance() else None
+        self._open_capture_if_due()
+        return result
+
+    def _needs_gradients(self, steps: int) -> bool:
+        return self.drop_and_grow is not None and self.drop_and_grow.needs_gradients and self._due(steps)
+
+    def _open_capture_if_due(self) -> None:
+        """Block-mode RigL: hook the sparse layers for the next step's forward and backward when it
+        ends with an update (the packed gradient has the active blocks only)."""
+        if isinstance(self.structure, BlockSparsity) and self._capture is None and self._needs_gradients(self.steps + 1):
+            self._capture = DenseGradCapture(dict(zip(self.structure.names, self.structure.layers))).__enter__()
+
+    def gradient_scores(self) -> torch.Tensor:
+        """float [n units]: gradient magnitude of every unit at this step (after backward, before
+        mask_gradients; block mode: of the step DPR hooked, see step())."""
+        if not isinstance(self.structure, BlockSparsity):
+            return self.structure.flat_grad_scores()
+        if self._capture is None:
+            raise RuntimeError("block mode: no dense gradient was captured for this step (DPR hooks the step "
+                               "before an update: call dpr.step() once per optimizer step)")
+        self._capture.__exit__(None, None, None)
+        capture, self._capture = self._capture, None
+        return self.structure.flat_grad_scores(capture.matrices())
 
     def mask_gradients(self) -> None:
         """Zero the gradients of inactive weights (before the optimizer step; no-op in block mode)."""
@@ -168,19 +223,39 @@ class DPR:
     def advance(self) -> bool:
         """Count one optimizer step; whether a reallocation is due after it."""
         self.steps += 1
-        if self.reallocator is None or (self.stop_step is not None and self.steps > self.stop_step):
-            return False
-        period = self.period(self.steps - 1) if callable(self.period) else self.period
-        return self.steps % period == 0
+        return self._due(self.steps)
 
-    def reallocate(self) -> ReallocationResult:
-        """One reallocation now (seeded by (seed, steps)); NonFiniteWeights (nothing changed) on NaN or inf."""
-        return DPR.reallocate_all([self])[0]
+    def _due(self, steps: int) -> bool:
+        """Whether a reallocation follows optimizer step number `steps` (1-based)."""
+        if not self.dynamic or (self.stop_step is not None and steps > self.stop_step):
+            return False
+        if self.drop_and_grow is not None and not self.drop_and_grow.active_at(steps):
+            return False
+        period = self.period(steps - 1) if callable(self.period) else self.period
+        return steps % period == 0
+
+    def reallocate(self, grad_scores: torch.Tensor | None = None) -> ReallocationResult | DropGrowResult:
+        """One reallocation now (seeded by (seed, steps)). dsr: NonFiniteWeights (nothing changed) on NaN
+        or inf. set / rigl: one drop-and-grow update, no host sync; rigl needs grad_scores (float [n
+        units], see gradient_scores)."""
+        if self.drop_and_grow is None:
+            return DPR.reallocate_all([self])[0]
+        structure = self.structure
+        generator = seeded_generator(structure.segments.device, self.seed, self.steps)
+        survived, grown = self.drop_and_grow.update(structure.segments, structure.flat_scores(),
+                                                    structure.flat_mask(), grad_scores, self.steps, generator)
+        structure.set_structure(survived, grown, self._optimizer_state(), self.keep_momentum)
+        return DropGrowResult(survived, grown, self.drop_and_grow.drop_fraction(self.steps))
 
     @staticmethod
-    def reallocate_all(dprs: list["DPR"]) -> list[ReallocationResult]:
+    def reallocate_all(dprs: list["DPR"], grad_scores: list[torch.Tensor | None] | None = None
+                       ) -> list[ReallocationResult | DropGrowResult]:
         """One reallocation of each of several DPR objects (e.g. the trials of a process, on one step),
-        each as if alone, with one host sync for all."""
+        each as if alone, with one host sync for all (dsr); set / rigl objects update alone, rigl with
+        its entry of grad_scores."""
+        if any(d.drop_and_grow is not None for d in dprs):  # per-tensor rules: each alone, no sync to share
+            scores = grad_scores if grad_scores is not None else [None] * len(dprs)
+            return [d.reallocate(s) for d, s in zip(dprs, scores, strict=True)]
         return reallocate_structures([d.structure for d in dprs], [d.reallocator for d in dprs], dprs[0].steps,
                                      [d._optimizer_state() for d in dprs], dprs[0].keep_momentum)
 
@@ -214,7 +289,7 @@ class DPR:
     # ---- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Masks (element masks or block grids, on the CPU), H, the step count and the seed."""
-        return {"masks": self.structure.state_dict(), "steps": self.steps, "seed": self.seed,
+        return {"masks": self.structure.state_dict(), "steps": self.steps, "seed": self.seed, "rule": self.rule,
                 "reallocator": None if self.reallocator is None else self.reallocator.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -222,12 +297,26 @@ class DPR:
         load this before the model's and the optimizer's state_dicts."""
         if int(state["seed"]) != self.seed:
             raise ValueError(f"DPR state: seed {state['seed']} differs from this object's {self.seed}")
-        if (state["reallocator"] is None) != (self.reallocator is None):
-            raise ValueError("DPR state: a fixed structure and a dynamic one do not load into each other")
+        saved_rule = state.get("rule", "dsr" if state["reallocator"] is not None else None)  # older states: dsr
+        if saved_rule != self.rule:
+            if None in (saved_rule, self.rule):
+                raise ValueError("DPR state: a fixed structure and a dynamic one do not load into each other")
+            raise ValueError(f"DPR state: rule {saved_rule!r} differs from this object's {self.rule!r}")
         self.structure.load_state_dict(state["masks"], self.optimizer)
         if self.reallocator is not None:
             self.reallocator.load_state_dict(state["reallocator"])
         self.steps = int(state["steps"])
+        if self._capture is not None:  # hooked for the old step count
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+        self._open_capture_if_due()
+
+
+def _drop_and_grow(rule: str, alpha: float, t_end: int | None) -> DropAndGrow | None:
+    """None for dsr (the reallocator), the per-tensor rule's settings for set / rigl."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    return None if rule == "dsr" else DropAndGrow(rule, alpha, t_end)
 
 
 def check_schedule(period, stop_step, target_pruned, tolerance: float, initial_threshold: float) -> None:

@@ -51,10 +51,11 @@ class ElementSparsity(SparseStructure):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def random(cls, params: dict[str, nn.Parameter], sparsity: float, seed: int,
-               block: tuple[int, int] | None = None) -> "ElementSparsity":
-        """A uniformly random structure: each tensor keeps initial_keep_count(units, sparsity) units."""
+               block: tuple[int, int] | None = None, densities: list[float] | None = None) -> "ElementSparsity":
+        """A random structure: each tensor keeps initial_keep_count(units, sparsity) units (or its
+        share of per-tensor `densities`, see structure.keep_counts) at random."""
         structure = cls(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}, block)
-        keep = random_structure(structure.segments, sparsity, seed)
+        keep = random_structure(structure.segments, sparsity, seed, densities)
         structure.set_structure(keep, torch.zeros_like(keep))
         return structure
 
@@ -84,6 +85,16 @@ class ElementSparsity(SparseStructure):
         if self.block is None:
             return torch.cat([p.detach().reshape(-1) for p in self.params]).abs_().float()
         return torch.cat([block_means(weight_to_matrix(p), self.block).reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def flat_grad_scores(self, dense_grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """float [n units]: |dL/dw| of every element (or mean |g| of every block) from the dense
+        .grad, read before mask_grads_ zeroes the inactive ones."""
+        if any(p.grad is None for p in self.params):
+            raise RuntimeError("gradient scores need the gradient of every sparse weight: call after backward()")
+        if self.block is None:
+            return torch.cat([p.grad.reshape(-1) for p in self.params]).abs_().float()
+        return torch.cat([block_means(weight_to_matrix(p.grad), self.block).reshape(-1) for p in self.params])
 
     def _element_masks(self, flat_units: torch.Tensor) -> list[torch.Tensor]:
         """Flat bool [n units] -> one element mask per parameter, shaped like it."""

@@ -15,7 +15,8 @@ from torch import nn
 
 from blockdpr_kernels import CONV_BLOCKS, LINEAR_BLOCKS, BlockLayout, BlockSparseConv2d, BlockSparseLinear
 
-from .blocks import block_grid, weight_to_matrix
+from .blocks import block_grid, block_means, weight_to_matrix
+from .distribution import densities
 from .select import Segments
 from .structure import SparseStructure, random_structure
 
@@ -53,6 +54,15 @@ class BlockSparsity(SparseStructure):
             s[m.layout.mask.reshape(-1)] = m.values.detach().abs().float().mean(dim=(1, 2))
             scores.append(s)
         return torch.cat(scores)
+
+    @torch.no_grad()
+    def flat_grad_scores(self, dense_grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """float [n blocks]: mean |g| of every block, active or not, from dense_grads {name: dL/dW
+        matrix [N, K]} (DenseGradCapture: the packed gradient holds the active blocks only)."""
+        if dense_grads is None or set(dense_grads) != set(self.names):
+            raise ValueError("block mode: gradient scores need the dense weight gradient of every sparse layer "
+                             "(DenseGradCapture around the step's forward and backward)")
+        return torch.cat([block_means(dense_grads[n], m.block).reshape(-1) for n, m in zip(self.names, self.layers)])
 
     @torch.no_grad()
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
@@ -128,12 +138,14 @@ def check_block(block: int, convs: bool) -> None:
 
 
 def to_block_sparse(model: nn.Module, names: list[str], block: int, sparsity: float, seed: int,
-                    masks: dict[str, torch.Tensor] | None = None) -> tuple[BlockSparsity, list[str]]:
+                    masks: dict[str, torch.Tensor] | None = None, distribution: str = "uniform"
+                    ) -> tuple[BlockSparsity, list[str]]:
     """Replace the convs and linears `names` (weights, e.g. 'group1.0.conv1.weight') of `model` by
     BlockSparseConv2d / BlockSparseLinear with (block x block) blocks, in place.
 
-    Structure: `masks` (name -> bool grid) if given, else uniformly random, each layer keeping
-    initial_keep_count(blocks, sparsity) blocks. Layers whose channels the block does not divide
+    Structure: `masks` (name -> bool grid) if given, else random, each layer keeping
+    initial_keep_count(blocks, sparsity) blocks (distribution "uniform") or its ERK share
+    (distribution "erk", over the layers the block tiles; see sparsity/distribution.py). Layers whose channels the block does not divide
     stay dense; their names are returned as the second value so the caller can report them.
     """
     modules = dict(model.named_modules())
@@ -146,7 +158,9 @@ def to_block_sparse(model: nn.Module, names: list[str], block: int, sparsity: fl
     grids = {n: block_grid(c.weight.shape, (block, block)) for n, c in blockable.items()}
     if masks is None:
         segments = Segments([g[0] * g[1] for g in grids.values()], next(model.parameters()).device)
-        flat = random_structure(segments, sparsity, seed)
+        shares = None if distribution == "uniform" else densities(distribution, [tuple(blockable[n].weight.shape)
+                                                                             for n in blockable], sparsity)
+        flat = random_structure(segments, sparsity, seed, shares)
         masks = {n: m.view(grids[n]) for n, m in zip(blockable, segments.split(flat))}
     layers = {}
     for name, dense_layer in blockable.items():

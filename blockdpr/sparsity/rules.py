@@ -20,6 +20,7 @@ the counts d_i never leave the device. Randomness comes from a generator seeded 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -82,3 +83,65 @@ def rigl_update(segments: Segments, scores: torch.Tensor, grad_scores: torch.Ten
     dropped = _smallest_active(segments, scores, mask, counts)
     grown = _largest_tiebroken(segments, grad_scores, ~mask, counts, generator)
     return mask & ~dropped, grown
+
+
+RULES = ("dsr", "set", "rigl")
+
+
+@dataclass(frozen=True)
+class DropAndGrow:
+    """The settings of a per-tensor rule: ``name`` "set" or "rigl", drop fraction ``alpha`` (RigL's
+    default 0.3), and for rigl ``t_end``, the step of its last update and its cosine's horizon
+    (RigL's default: 75% of the training steps)."""
+
+    name: str
+    alpha: float = 0.3
+    t_end: int | None = None
+
+    def __post_init__(self):
+        if self.name not in ("set", "rigl"):
+            raise ValueError(f"rule must be one of {RULES}, got {self.name!r}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha (the drop fraction) must be in (0, 1], got {self.alpha}")
+        if self.name == "rigl" and (self.t_end is None or self.t_end <= 0):
+            raise ValueError(f"rule 'rigl' needs t_end, a positive step (RigL: 75% of the training steps), "
+                             f"got {self.t_end}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.name == "rigl"
+
+    def active_at(self, step: int) -> bool:
+        """Whether the rule still updates at ``step`` (RigL stops at t_end)."""
+        return self.t_end is None or step < self.t_end
+
+    def drop_fraction(self, step: int) -> float:
+        return self.alpha if self.name == "set" else cosine_drop_fraction(step, self.alpha, self.t_end)
+
+    def update(self, segments: Segments, scores: torch.Tensor, mask: torch.Tensor, grad_scores: torch.Tensor | None,
+               step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(survived, grown), bool [n] each, of one update at ``step``."""
+        alpha = self.drop_fraction(step)
+        if self.name == "set":
+            return set_update(segments, scores, mask, alpha, generator)
+        if grad_scores is None:
+            raise ValueError("rule 'rigl' needs the gradient magnitude of every unit at an update step")
+        return rigl_update(segments, scores, grad_scores, mask, alpha, generator)
+
+
+@dataclass(frozen=True)
+class DropGrowResult:
+    """What one SET / RigL update did: bool [n] masks over the flat units (on the device; the counts
+    are read only when asked for, each a host sync)."""
+
+    survived: torch.Tensor
+    regrown: torch.Tensor
+    drop_fraction: float
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.survived | self.regrown
+
+    @property
+    def pruned(self) -> int:
+        return int(self.regrown.sum())

@@ -18,12 +18,23 @@ def initial_keep_count(units: int, sparsity: float) -> int:
     return max(1, int((1 - sparsity) * units + 0.1))
 
 
-def random_structure(segments: Segments, sparsity: float, seed: int) -> torch.Tensor:
-    """Flat bool [n units]: each segment keeps initial_keep_count(size, sparsity) units at random."""
+def keep_counts(sizes: list[int], sparsity: float, densities: list[float] | None = None) -> list[int]:
+    """Units each tensor keeps at the start: initial_keep_count(size, sparsity) (uniform), or
+    round(density * size) of a per-tensor density (blockdpr.sparsity.distribution), in [1, size]."""
     if not 0 < sparsity < 1:
         raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    if densities is None:
+        return [initial_keep_count(n, sparsity) for n in sizes]
+    if len(densities) != len(sizes):
+        raise ValueError(f"densities: expected one per tensor ({len(sizes)}), got {len(densities)}")
+    return [min(n, max(1, round(d * n))) for n, d in zip(sizes, densities)]
+
+
+def random_structure(segments: Segments, sparsity: float, seed: int, densities: list[float] | None = None
+                     ) -> torch.Tensor:
+    """Flat bool [n units]: each segment keeps keep_counts(sizes, sparsity, densities) units at random."""
     device = segments.device
-    counts = torch.tensor([initial_keep_count(n, sparsity) for n in segments.sizes], device=device)
+    counts = torch.tensor(keep_counts(segments.sizes, sparsity, densities), device=device)
     eligible = torch.ones(segments.total, dtype=torch.bool, device=device)
     return segments.select_random(eligible, counts, seeded_generator(device, seed, -1))
 
@@ -55,6 +66,12 @@ class SparseStructure:
 
     def flat_scores(self) -> torch.Tensor:
         """float [n units]: magnitude of every unit (|w| or mean |w| of a block); 0 if inactive."""
+        raise NotImplementedError
+
+    def flat_grad_scores(self, dense_grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """float [n units]: gradient magnitude of every unit, active or not (|dL/dw| or mean |g| of a
+        block), RigL's growth score. Element storage reads the dense .grad (before masking); packed
+        storage needs dense_grads, {name: dL/dW matrix [N, K]} (DenseGradCapture)."""
         raise NotImplementedError
 
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
