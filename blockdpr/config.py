@@ -163,8 +163,9 @@ class RunConfig:
             e.append(f"--mode {self.mode} needs --structure-from DIR (a finished --mode dpr run)")
         if self.mode == "gmp" and self.dense_from is None:
             e.append("--mode gmp needs --dense-from DIR (a finished --mode dense run)")
-        if self.mode == "gmp" and self.epochs is not None and self.gmp_steps * self.gmp_interval > self.epochs:
-            e.append(f"--mode gmp prunes until epoch {self.gmp_steps * self.gmp_interval}, beyond --epochs {self.epochs}")
+        epochs = self.epochs if self.epochs is not None else GMP_EPOCHS  # gmp's default
+        if self.mode == "gmp" and self.gmp_steps * self.gmp_interval > epochs:
+            e.append(f"--mode gmp prunes until epoch {self.gmp_steps * self.gmp_interval}, beyond --epochs {epochs}")
         if self.resume and self.overwrite:
             e.append("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                      "--overwrite deletes it and starts anew; give one")

@@ -37,6 +37,7 @@ BAD = [
     (["--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["--sparsity", "1.5"], "--sparsity must be in (0, 1)"),
     (["--mode", "reinit"], "needs --structure-from"),
+    (["--mode", "gmp", "--dense-from", "d", "--gmp-steps", "30"], "--mode gmp prunes until epoch 60, beyond --epochs 48"),
 ]
 
 
