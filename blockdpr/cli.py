@@ -3,16 +3,27 @@
 List flags accept both spellings, ``--blocks 16,32`` and ``--blocks 16 32`` (or a mix), through
 :func:`add_list_argument`; help texts show each default once (:class:`HelpFormatter`); and
 error text printed through rich is escaped (:func:`escape`), so ``[n, 3072]`` or a path holding
-``[/x]`` is shown as written.
+``[/x]`` is shown as written. :class:`ArgumentParser` reports a bad command line in two lines (the
+error and where to find the flags) instead of argparse's usage block.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Callable, Sequence
 
 from rich.markup import escape as _rich_escape
 
-__all__ = ["HelpFormatter", "RawHelpFormatter", "add_list_argument", "split_list", "escape"]
+__all__ = ["ArgumentParser", "HelpFormatter", "RawHelpFormatter", "add_list_argument", "split_list", "escape"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose parse errors print ``error: ...`` and a hint to ``--help`` (exit 2),
+    not the 16-33 lines of usage above the one line that matters."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message}\n{self.prog} --help lists every flag\n")
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

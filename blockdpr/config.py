@@ -163,8 +163,12 @@ class RunConfig:
             e.append(f"--mode {self.mode} needs --structure-from DIR (a finished --mode dpr run)")
         if self.mode == "gmp" and self.dense_from is None:
             e.append("--mode gmp needs --dense-from DIR (a finished --mode dense run)")
-        if self.mode == "gmp" and self.epochs is not None and self.gmp_steps * self.gmp_interval > self.epochs:
-            e.append(f"--mode gmp prunes until epoch {self.gmp_steps * self.gmp_interval}, beyond --epochs {self.epochs}")
+        epochs = self.epochs if self.epochs is not None else GMP_EPOCHS  # gmp's default
+        if self.mode == "gmp" and self.gmp_steps * self.gmp_interval > epochs:
+            e.append(f"--mode gmp prunes until epoch {self.gmp_steps * self.gmp_interval}, beyond --epochs {epochs}")
+        if self.resume and self.overwrite:
+            e.append("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                     "--overwrite deletes it and starts anew; give one")
         e += device_errors(self.device, self.cuda_graph)
         if self.cuda_graph and self.compile:
             e.append("--cuda-graph and --compile exclude each other (torch.compile has its own graphs: mode='reduce-overhead')")
@@ -178,17 +182,52 @@ class RunConfig:
         return self.resolved()
 
     def to_json(self) -> dict:
-        """JSON-ready dict of every field (paths as strings, tuples as lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        """JSON-ready dict of every field (paths as strings, tuples as lists); element mode records
+        block_size null (no block size ran)."""
+        obj = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        if self.granularity == "element":
+            obj["block_size"] = None
+        return obj
+
+    def to_argv(self) -> list[str]:
+        """The flags of `python -m blockdpr.train` that train this run (each setting that differs
+        from what the command line would default to; not --resume, --overwrite or --stop-after,
+        which say how a process runs, not what it trains)."""
+        argv = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("resume", "overwrite", "stop_after") or value == _default_for(self, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool) and f.name == "channels_last":
+                argv.append(flag if value else "--no-channels-last")
+            elif isinstance(value, bool):
+                argv.append(flag)  # switches default to off
+            elif f.name in _SCHEDULES:
+                argv += [flag, ",".join(f"{e}:{v}" for e, v in value)]
+            elif isinstance(value, tuple):
+                argv += [flag, ",".join(str(v) for v in value)]
+            else:
+                argv += [flag, str(value)]
+        return argv
 
     @classmethod
     def from_json(cls, obj: dict) -> "RunConfig":
         """The config saved by to_json (other keys of config.json are ignored)."""
         kwargs = {}
         for f in fields(cls):
-            if f.name in obj:
+            if f.name in obj and not (f.name == "block_size" and obj[f.name] is None):
                 kwargs[f.name] = _from_jsonable(f.name, obj[f.name])
         return cls(**kwargs)
+
+
+def _default_for(config: RunConfig, name: str) -> Any:
+    """What setting `name` of `config` is when its flag is not given: the field's default, or for the
+    settings resolved() fills in (epochs, lr_schedule, target_pruned, out), what it fills in."""
+    default = next(f.default for f in fields(RunConfig) if f.name == name)
+    if name in ("epochs", "lr_schedule", "target_pruned", "out") and getattr(config, name) is not None:
+        return getattr(dataclasses.replace(config, **{name: None}).resolved(), name)
+    return default
 
 
 def _jsonable(value: Any) -> Any:

@@ -29,7 +29,7 @@ from .cli import escape
 from .config import ConfigError, RunConfig, check_trials
 from .distributed import Distributed
 from .models import WideResNet, parameter_counts
-from .progress import ProgressReporter
+from .progress import ProgressReporter, position
 from .run_dir import open_run_dir, write_config, write_metrics, write_summary
 from .engine import Engine
 from .runinfo import provenance
@@ -62,12 +62,12 @@ class Trainer:
         if any(resuming) and not all(resuming):
             raise ConfigError(["--resume: some trials have a checkpoint and some do not: resume them separately"])
         self.resuming = all(resuming)
+        data = data_lib.load_cifar10(cfg.data, download=cfg.download, progress=not cfg.no_progress)  # before any write
         if dist.is_main:
             for c in configs:
                 open_run_dir(c)
                 console.print(f"run directory: {escape(c.out)}", highlight=False)
 
-        data = data_lib.load_cifar10(cfg.data, download=cfg.download, progress=not cfg.no_progress)
         initial = [initial_state(c) for c in configs]
         if dist.is_main and not self.resuming:
             for c, state in zip(configs, initial):
@@ -96,8 +96,8 @@ class Trainer:
             if self.dist.is_main:
                 write_metrics(trial.out, trial.records)  # the checkpoint's epochs: rebuilds a torn or deleted file
                 restore_best(trial.out, trial.state)
-                console.print(f"resumed {escape(trial.out)} at epoch {trial.state.epoch}, step {trial.state.step_in_epoch} of it",
-                              highlight=False)
+                console.print(f"resumed {escape(trial.out)} at "
+                              f"{position(trial.state.epoch, trial.state.step_in_epoch, trial.config.epochs)}", highlight=False)
 
     def _write_config(self, t: int, configs: list[RunConfig]) -> None:
         trial, dpr, dense_layers = self.trials[t], self.engine.dprs[t], self.engine.dense_layers[t]
@@ -106,7 +106,7 @@ class Trainer:
             plain = WideResNet(c.depth, c.width)
         sparse_names = dpr.names + dense_layers if dpr is not None else []
         counts = parameter_counts(plain, sparse_names, c.sparsity, (c.block_size,) * 2 if c.granularity == "block" else None)
-        prov = provenance(self.device)
+        prov = provenance(self.device, ["-m", "blockdpr.train", *c.to_argv()])  # the command that trains this run
         data = self.engine.data
         write_config(trial.out, c, {
             "init_seed": init_seed(c), "trained_with_seeds": [d.seed for d in configs],
@@ -150,8 +150,8 @@ class Trainer:
                     break
         self.dist.check_replicas(list(self.engine.model.parameters()), "parameters")
         if progress.epoch < cfg.epochs:
-            console.print(f"--stop-after {cfg.stop_after:g}: stopped at epoch {progress.epoch}, step "
-                          f"{progress.step_in_epoch} of it; continue with --resume")
+            console.print(f"--stop-after {cfg.stop_after:g}: stopped at {position(progress.epoch, progress.step_in_epoch, cfg.epochs)}"
+                          "; continue with --resume")
             self.dist.close()
             return [None] * self.T
         summaries = [self.finish(t) for t in range(self.T)] if self.dist.is_main else [None] * self.T
@@ -204,7 +204,7 @@ class Trainer:
 
     def stop(self, signum: int) -> None:
         state = self.trials[0].state
-        raise Stopped(signum, [t.out for t in self.trials], state.epoch, state.step_in_epoch)
+        raise Stopped(signum, [t.out for t in self.trials], state.epoch, state.step_in_epoch, self.cfg.epochs)
 
     def bank_accumulators(self) -> None:
         """Move the device-side accumulators into each trial's RunState (one host sync); Diverged if non-finite."""
@@ -212,7 +212,7 @@ class Trainer:
         seconds = time.perf_counter() - self.tick
         bad = [str(t.out) for t, loss in zip(self.trials, losses) if not math.isfinite(loss)]
         if bad:
-            raise Diverged(f"the training loss became NaN or infinite in epoch {self.trials[0].state.epoch} "
+            raise Diverged(f"the training loss became NaN or infinite in epoch {self.trials[0].state.epoch + 1}/{self.cfg.epochs} "
                            f"({', '.join(bad)}): lower --lr; the last checkpoint is the last finite state")
         for trial, loss, right in zip(self.trials, losses, correct):
             trial.state.loss_sum += loss

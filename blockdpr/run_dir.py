@@ -3,8 +3,10 @@
 Every file is written atomically (blockdpr.runinfo), in an order that keeps the directory
 consistent after a kill at any instruction:
 
-- config.json first (a directory with config.json and no last.pt is a run that never
-  checkpointed: --resume starts it from the beginning with its own settings);
+- init_weights.pt (DPR runs), then config.json, then an empty metrics.jsonl: a directory without
+  config.json holds no run yet (the same command starts it anew, rewriting init_weights.pt), one
+  with config.json and no last.pt is a run that never checkpointed (--resume starts it from the
+  beginning with its own settings);
 - at an epoch end: best.pt and epochE.pt before last.pt, so last.pt never points past a best.pt
   that was not written; metrics.jsonl is rewritten whole from the records that last.pt carries,
   so a torn or deleted metrics.jsonl is rebuilt on resume;
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig
 from .runinfo import atomic_write_json, atomic_write_text, remove_stale_temps
+from .source_runs import source_run_errors
 
 # The files a run writes (epochE.pt snapshots besides); --overwrite deletes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "init_weights.pt", "final_masks.pt",
@@ -44,30 +47,6 @@ def run_dir_errors(config: RunConfig) -> list[str]:
     return source_run_errors(config)
 
 
-def finished_run_file(run_dir: Path, name: str, mode: str) -> Path:
-    """A file of a finished run that this run builds on, or ConfigError saying why it is not there."""
-    path = Path(run_dir) / name
-    if not (Path(run_dir) / "summary.json").is_file():
-        raise ConfigError([f"{run_dir} is not a finished run (no summary.json): finish that --mode {mode} run first"])
-    if not path.is_file():
-        raise ConfigError([f"{run_dir} has no {name}: was it a --mode {mode} run?"])
-    return path
-
-
-def source_run_errors(config: RunConfig) -> list[str]:
-    """Problems with the finished runs that `config` builds on (--structure-from, --dense-from)."""
-    needs = {"reinit": [(config.structure_from, "final_masks.pt", "dpr")],
-             "orig-init": [(config.structure_from, "final_masks.pt", "dpr"), (config.structure_from, "init_weights.pt", "dpr")],
-             "gmp": [(config.dense_from, "last.pt", "dense")]}.get(config.mode, [])
-    errors = []
-    for run_dir, name, mode in needs:
-        try:
-            finished_run_file(run_dir, name, mode)
-        except ConfigError as e:
-            errors += e.errors
-    return errors
-
-
 def open_run_dir(config: RunConfig) -> None:
     """Create the directory, remove temp files of interrupted writes, and with --overwrite the old run's files."""
     out = config.out
@@ -87,6 +66,9 @@ def saved_config(out: Path) -> RunConfig:
             raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
         return RunConfig.from_json(obj)
     except FileNotFoundError:
+        if (out / "last.pt").is_file():
+            raise ConfigError([f"--resume: {path} (the run's settings) is missing, so the checkpoint {out / 'last.pt'} "
+                               "cannot be resumed: restore config.json, or start anew with --overwrite"]) from None
         raise ConfigError([f"--resume: {path} is missing: this directory holds no resumable run"]) from None
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError([f"{path} is unreadable or garbled ({e}): restore it, or start a new run in another --out"]) from None

@@ -3,11 +3,13 @@
 Atomic write: the bytes go to a temporary file in the target's directory (named
 ``.<name>.<random>.tmp``), are flushed and fsynced, and the temp file is renamed over the
 target, so a kill at any instruction leaves the old file or the new one, never a torn one.
-:func:`remove_stale_temps` deletes the temp files that interrupted writes left behind.
+:func:`remove_stale_temps` deletes the temp files that interrupted writes left behind. A write
+that fails for want of space or permission raises one OSError naming the target (torch.save
+reports a full disk as a RuntimeError "unexpected pos" chained to the OSError: it is unwrapped).
 
 Provenance: :func:`provenance` gives the git commit (and whether the tree was dirty), library
-versions, the device, the host and the exact command line, for every JSON a run or a
-benchmark writes.
+versions, the device, the host and a command line that re-runs the job (``python -m
+package.module ...`` for a module run with ``-m``), for every JSON a run or a benchmark writes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, IO
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "remove_stale_temps", "git_info", "versions", "device_info", "provenance", "slug", "TEMP_SUFFIX"]
+           "remove_stale_temps", "git_info", "versions", "device_info", "command_line", "provenance", "slug",
+           "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 _ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +36,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(f)`` on a binary temp file beside ``path``, fsync it, then rename it to ``path``.
 
     Creates the parent directory. On any error (including KeyboardInterrupt) the temp file is
-    removed and ``path`` is left as it was. Returns ``path``.
+    removed and ``path`` is left as it was; an error of the file system (ENOSPC, EACCES, ...)
+    is raised as ``OSError(errno, strerror, path)``, also when ``write`` wrapped it in another
+    exception. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,11 +50,25 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
     _fsync_dir(path.parent)
     return path
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError that `e` is or that caused it (torch.save raises RuntimeError over one)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _umask() -> int:
@@ -160,11 +179,22 @@ def _nvidia_driver() -> str | None:
     return out[0] if out else None
 
 
+def command_line(argv: list[str] | None = None) -> str | None:
+    """``python ...`` that re-runs this process: argv (what follows ``python``, e.g. ``["-m",
+    "bench.aot", "--x"]``), default this process's own command line, where a module started with
+    ``python -m`` is named as such (``sys.argv[0]`` is then its file, which cannot run alone)."""
+    if argv is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name.removesuffix(".__main__") if spec is not None and spec.name else None
+        argv = ["-m", module, *sys.argv[1:]] if module else list(sys.argv)
+    return shlex.join(["python", *argv]) if argv else None
+
+
 def provenance(device: Any = None, argv: list[str] | None = None) -> dict:
-    """Everything needed to say where a result came from: command, git, versions, device, time (UTC)."""
+    """Everything needed to say where a result came from: command (:func:`command_line`; `argv`
+    is what follows ``python``), git, versions, device, time (UTC)."""
     from datetime import datetime, timezone
-    argv = sys.argv if argv is None else argv
-    return {"command": shlex.join([Path(sys.executable).name, *argv]) if argv else None,
+    return {"command": command_line(argv),
             "cwd": os.getcwd(), "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git": git_info(), "versions": versions(), "device": device_info(device)}
 

@@ -12,7 +12,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, RunConfig
 from .models import WideResNet
-from .run_dir import finished_run_file
+from .source_runs import finished_run_file
 from .runinfo import atomic_write
 from .sparsity import ElementSparsity, SparseStructure
 from .sparsity.blocks import block_grid
@@ -86,7 +86,8 @@ def init_seed(config: RunConfig) -> int:
 
 def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     """A trial's initial weights as a plain WideResNet state dict: random (seeded), or for orig-init
-    the DPR run's initial values, for gmp the trained dense model."""
+    the DPR run's initial values, for gmp the trained dense model (source runs are checked to fit
+    before anything is written: blockdpr/source_runs.py)."""
     torch.manual_seed(init_seed(config))
     model = WideResNet(config.depth, config.width)
     if config.mode == "orig-init":
@@ -96,9 +97,5 @@ def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
             state = load_checkpoint(finished_run_file(config.dense_from, "last.pt", "dense"))
         except CheckpointError as e:
             raise ConfigError([f"--dense-from: {e}"]) from None
-        found = state.get("identity", {})
-        if found.get("mode") != "dense" or (found.get("depth"), found.get("width")) != (config.depth, config.width):
-            raise ConfigError([f"--dense-from {config.dense_from} must be a --mode dense WRN-{config.depth}-{config.width} "
-                               f"run, found {found}"])
         model.load_state_dict(state["model"])
     return model.state_dict()

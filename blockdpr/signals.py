@@ -6,16 +6,19 @@ from __future__ import annotations
 import signal
 import threading
 
+from .progress import position
+
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Stopped(Exception):
     """A signal stopped the run after a checkpoint; `signum` is the signal's number."""
 
-    def __init__(self, signum: int, outs: list, epoch: int, step: int):
+    def __init__(self, signum: int, outs: list, epoch: int, step: int, epochs: int | None = None):
+        """epoch: the 0-based epoch in progress, step: its steps done, epochs: the run's (worded by progress.position)."""
         self.signum, self.outs = signum, outs
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} at epoch {epoch}, step {step} of it (checkpointed)")
+        super().__init__(f"stopped by {name} at {position(epoch, step, epochs)} (checkpointed)")
 
 
 class StopSignals:

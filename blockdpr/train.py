@@ -20,6 +20,8 @@ SIGTERM 143, SIGHUP 129) after a checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import shlex
 import sys
 from pathlib import Path
@@ -29,13 +31,14 @@ from rich.console import Console
 from blockdpr_kernels import CONV_BLOCKS
 
 from .checkpoint import CheckpointError
-from .cli import HelpFormatter, add_list_argument, escape
+from .cli import ArgumentParser, HelpFormatter, add_list_argument, escape
 from .config import (GMP_EPOCHS, GMP_LR_SCHEDULE, MODES, ConfigError, RunConfig, Schedule, resume_config,
                      with_seed)
 from .data import DataError
 from .loop import Diverged, Trainer
-from .run_dir import run_dir_errors, saved_config
+from .run_dir import holds_run, run_dir_errors, saved_config
 from .signals import Stopped
+from .source_runs import structure_sparsity
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -51,7 +54,7 @@ def piecewise(text: str, value_type=float) -> Schedule:
 
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m blockdpr.train", formatter_class=HelpFormatter, allow_abbrev=False,
         description="Train WRN on CIFAR-10 with dynamic parameter reallocation (Mostafa & Wang) or a baseline.")
     g = p.add_argument_group("run")
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint and exit (without summary.json) once this process has run SECONDS; continue "
                         "later with --resume (default: no limit)")
     g.add_argument("--structure-from", type=Path, default=None,
-                   help="finished DPR run directory (reinit, orig-init); may contain {seed}")
+                   help="finished DPR run directory of the same model (reinit, orig-init): its final structure "
+                        "trains, at its sparsity (--sparsity defaults to it); may contain {seed}")
     g.add_argument("--dense-from", type=Path, default=None, help="finished dense run directory (gmp); may contain {seed}")
 
     g = p.add_argument_group("data")
@@ -125,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty on all parameters")
 
     g = p.add_argument_group("sparsity and DPR (paper defaults)")
-    g.add_argument("--sparsity", type=float, default=d.sparsity, help="sparsity of the sparse tensors (the 3x3 convs of the residual blocks)")
+    g.add_argument("--sparsity", type=float, default=d.sparsity, help="sparsity of the sparse tensors (the 3x3 convs of the residual blocks); "
+                        "reinit / orig-init: that of --structure-from")
     g.add_argument("--target-pruned", type=int, default=None,
                    help="N_p: target units pruned per reallocation (default: 20,000 weights: 20,000 in element mode, "
                         "round(20,000 / block-size^2) blocks in block mode)")
@@ -182,12 +187,26 @@ def parse_configs(argv: list[str] | None = None) -> list[RunConfig]:
     configs, given = configs_from_argv(argv)
     if configs[0].resume:
         configs = [resume_config(saved_config(c.resolved().out), c.resolved(), given) for c in configs]
+    elif "sparsity" not in given:
+        configs = [with_structure_sparsity(c) for c in configs]
     errors = [e for c in configs for e in c.errors()]
     if not errors:
         errors = [e for c in configs for e in run_dir_errors(c.resolved())]
     if errors:
         raise ConfigError(list(dict.fromkeys(errors)))  # trials share most settings: each problem once
     return [c.resolved() for c in configs]
+
+
+def with_structure_sparsity(config: RunConfig) -> RunConfig:
+    """reinit / orig-init without --sparsity: the sparsity of the structure that trains (its
+    --structure-from run's), said in one line, so that config.json and the default directory
+    name describe what trained (a --sparsity that contradicts it is refused: source_runs)."""
+    sparsity = structure_sparsity(config)
+    if sparsity is None:
+        return config
+    console.print(f"--mode {config.mode}: --sparsity {sparsity} from --structure-from {escape(config.structure_from)} "
+                  "(the sparsity of the structure that trains)", highlight=False)
+    return dataclasses.replace(config, sparsity=sparsity)
 
 
 def train_trials(configs: list[RunConfig]) -> list[dict | None]:
@@ -201,10 +220,23 @@ def train(config: RunConfig) -> dict | None:
     return train_trials([config])[0]
 
 
-def error_exit(lines: list[str], code: int) -> SystemExit:
+def error_exit(lines: list[str], code: int, hint: str | None = None) -> SystemExit:
     for line in lines:
         console.print(f"[red]error:[/red] {escape(line)}", highlight=False)
+    if hint:
+        console.print(escape(hint), highlight=False)
     return SystemExit(code)
+
+
+def write_failed_hint(e: OSError, configs: list[RunConfig]) -> str:
+    """What to do after a failed write: free space (or fix the cause), then resume the runs whose
+    directories hold one, or run the same command again (nothing written yet to resume)."""
+    fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+    outs = [str(c.out) for c in configs if holds_run(c.out)]
+    if not outs:
+        return f"{fix}, then run the same command again (no run was started in its directory)"
+    more = f" (and likewise for {', '.join(outs[1:])})" if len(outs) > 1 else ""
+    return f"{fix}, then continue with python -m blockdpr.train --out {shlex.quote(outs[0])} --resume{more}"
 
 
 def resume_hint(stopped: Stopped) -> str:
@@ -216,8 +248,10 @@ def resume_hint(stopped: Stopped) -> str:
 def main(argv: list[str] | None = None) -> dict | list[dict] | None:
     """The CLI in-process: the run's summary, or a list of summaries when several --seeds are trained
     (None for a run that --stop-after stopped before its end). Errors exit (see the module docstring)."""
+    configs = []
     try:
-        summaries = train_trials(parse_configs(argv))
+        configs = parse_configs(argv)
+        summaries = train_trials(configs)
     except ConfigError as e:
         raise error_exit(e.errors, 2) from None
     except (CheckpointError, DataError) as e:
@@ -225,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict] | None:
     except Diverged as e:
         raise error_exit([f"training diverged: {e}"], 1) from None
     except OSError as e:  # a full disk, a read-only directory...
-        raise error_exit([f"cannot write {e.filename or 'a run file'}: {e.strerror or e}"], 2) from None
+        raise error_exit([f"cannot write {e.filename or 'a run file'}: {e.strerror or e}"], 2,
+                         write_failed_hint(e, configs)) from None
     except Stopped as e:
         console.print(escape(resume_hint(e)), highlight=False)
         raise SystemExit(128 + e.signum) from None

@@ -168,28 +168,16 @@ def test_empty_directory_names_what_it_looked_for(tmp_path):
 
 
 def test_default_path_missing(tmp_path, monkeypatch):
-    cands = [tmp_path / "repo" / "data" / data.BUNDLED_NAME, tmp_path / "shared" / data.BUNDLED_NAME]
-    monkeypatch.setattr(sources, "_default_candidates", lambda: cands)
-    assert data.default_data_path() == cands[0]
+    default = tmp_path / "repo" / "data" / data.BUNDLED_NAME
+    monkeypatch.setattr(sources, "default_data_path", lambda: default)
     with pytest.raises(DataError) as err:
         load_cifar10(None, cache_dir=tmp_path / "c", progress=False)
-    assert all(str(c) in str(err.value) for c in cands)
-
-
-def test_default_path_falls_back_to_shared(tmp_path, monkeypatch):
-    cands = [tmp_path / "repo" / data.BUNDLED_NAME, tmp_path / "shared" / data.BUNDLED_NAME]
-    cands[1].parent.mkdir()
-    cands[1].write_bytes(b"x")
-    monkeypatch.setattr(sources, "_default_candidates", lambda: cands)
-    assert data.default_data_path() == cands[1]
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and str(default) in lines[0] and "--data PATH" in lines[1]
 
 
 def test_real_default_path():
-    p = data.default_data_path()
-    assert p.name == data.BUNDLED_NAME
-    if (data.REPO_ROOT / "data" / data.BUNDLED_NAME).exists():
-        assert p == data.REPO_ROOT / "data" / data.BUNDLED_NAME
-    assert sources._default_candidates()[1] == data.REPO_ROOT.parent / "shared" / "datasets" / data.BUNDLED_NAME
+    assert data.default_data_path() == data.REPO_ROOT / "data" / data.BUNDLED_NAME
 
 
 BUNDLED = data.REPO_ROOT / "data" / data.BUNDLED_NAME

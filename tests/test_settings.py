@@ -1,7 +1,9 @@
 """The training CLI's settings: validation before anything is written, --help, list flags, escaping,
 default run directories, and resume with the run's own settings (CPU, tiny WRN)."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -35,6 +37,7 @@ BAD = [
     (["--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["--sparsity", "1.5"], "--sparsity must be in (0, 1)"),
     (["--mode", "reinit"], "needs --structure-from"),
+    (["--mode", "gmp", "--dense-from", "d", "--gmp-steps", "30"], "--mode gmp prunes until epoch 60, beyond --epochs 48"),
 ]
 
 
@@ -150,6 +153,69 @@ def test_a_full_disk_at_the_first_save_is_one_line(tmp_path, tiny_cifar, capsys,
     err = capsys.readouterr().err
     assert e.value.code == 2 and "No space left on device" in err and "Traceback" not in err
     assert list(out.iterdir()) == [], "an interrupted write leaves no temp file"
+
+
+class FullFile:
+    """A binary file on a disk with 1000 bytes free: a write past them raises ENOSPC (as the OS does)."""
+
+    def __init__(self, f):
+        self.f, self.free = f, 1000
+
+    def write(self, data):
+        if len(data) > self.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.free -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def fill_disk_at(monkeypatch, name: str, nth: int) -> None:
+    """The disk is full from the nth atomic write of `name` on (torch.save turns that ENOSPC into a
+    RuntimeError 'unexpected pos', chained to the OSError)."""
+    real_mkstemp, real_fdopen, full, seen = runinfo.tempfile.mkstemp, runinfo.os.fdopen, set(), []
+
+    def mkstemp(prefix, suffix, dir):
+        fd, tmp = real_mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+        if prefix == f".{name}.":
+            seen.append(fd)
+            if len(seen) >= nth:
+                full.add(fd)
+        return fd, tmp
+    monkeypatch.setattr(runinfo.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(runinfo.os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)) if fd in full else real_fdopen(fd, mode))
+
+
+@pytest.mark.parametrize("name, nth, resumable", [
+    ("init_weights.pt", 1, False), ("config.json", 1, False), ("best.pt", 1, True), ("last.pt", 2, True),
+])
+def test_a_full_disk_is_one_error_line_naming_the_file_and_a_hint(name, nth, resumable, tmp_path, tiny_cifar, capsys,
+                                                                  monkeypatch):
+    out = tmp_path / "r"
+    fill_disk_at(monkeypatch, name, nth)
+    with pytest.raises(SystemExit) as e:
+        main([*small(tiny_cifar), "--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert errors == [f"error: cannot write {out / name}: No space left on device"], err
+    hint = err.splitlines()[-1]
+    assert hint.startswith("free some space") and ("--resume" in hint) == resumable, hint
+    assert not list(out.glob(".*.tmp")), "no temp file is left"
+    monkeypatch.undo()
+    if name == "last.pt":  # the earlier files are intact: the run resumes from epoch 1's checkpoint
+        assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] == 1
+        json.loads((out / "config.json").read_text())
+    if resumable:
+        main(["--out", str(out), "--resume"])
+        assert (out / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("damage", ["torn", "deleted"])

@@ -40,11 +40,8 @@ META_FILE = "batches.meta"
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 HOW_TO_GET = (
-    f"A fresh clone of the repository contains data/{BUNDLED_NAME} ({BUNDLED_DESCRIPTION}); "
-    f"a copy may also be at ../shared/datasets/{BUNDLED_NAME}. Alternatively pass "
-    f"--data PATH (a zip with the same layout, a {BATCH_DIR_NAME} directory, "
-    f"{CIFAR10_TAR_NAME}, or a directory containing one of those), or --download to "
-    f"fetch the official archive from {CIFAR10_URL}."
+    f"A fresh clone has data/{BUNDLED_NAME}; else give --data PATH (such a zip, {BATCH_DIR_NAME}/ "
+    f"or {CIFAR10_TAR_NAME}) or --download."
 )
 
 

@@ -66,7 +66,7 @@ def load_cifar10(path=None, *, download=False, cache_dir=None, progress=True) ->
             try:
                 cache.save_cache(d / name, arrays, checksum)
                 break
-            except OSError as e:  # read-only (e.g. ../shared): try the next place
+            except OSError as e:  # a read-only data folder: try the next place
                 errors.append(f"{d}: {e}")
         else:
             if progress:

@@ -22,35 +22,16 @@ from .dataset import (
 from .jpeg_zip import decode_zip
 
 
-def _default_candidates() -> list[Path]:
-    """Where the bundled zip is looked for, in order."""
-    return [
-        REPO_ROOT / "data" / BUNDLED_NAME,
-        REPO_ROOT.parent / "shared" / "datasets" / BUNDLED_NAME,
-    ]
-
-
 def default_data_path() -> Path:
-    """The repo's ``data/cifar10-jpeg-q75.zip``, else ``../shared/datasets/`` beside the
-    repo; if neither exists, the repo path (so errors name the expected place)."""
-    candidates = _default_candidates()
-    for c in candidates:
-        if c.exists():
-            return c
-    return candidates[0]
+    """The bundled zip: ``data/cifar10-jpeg-q75.zip`` in the repository (``--data``'s default)."""
+    return REPO_ROOT / "data" / BUNDLED_NAME
 
 
 def resolve_source(path: str | os.PathLike | None) -> tuple[str, Path]:
     """Map a user path to ``(kind, resolved path)``; kind is "zip", "tar" or "batches"."""
-    if path is None:
-        p = default_data_path()
-        if not p.exists():
-            looked = ", ".join(str(c) for c in _default_candidates())
-            raise DataError(f"CIFAR-10 not found; looked for {looked}. {HOW_TO_GET}")
-    else:
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise DataError(f"CIFAR-10 not found: {p} does not exist. {HOW_TO_GET}")
+    p = default_data_path() if path is None else Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"CIFAR-10 not found: {p} does not exist.\n{HOW_TO_GET}")
     p = p.resolve()
 
     if p.is_dir():
