@@ -40,9 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .layout import density_bucket, wgrad_group, wgrad_splits, wgrad_workspace
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether ops may launch the kernels on CPU tensors: under the interpreter, or under the do-nothing CUDA
+# driver of bench/host.py (which sets it to measure the host path).
+CPU_LAUNCH = INTERPRET
 
 
 def _configs():
@@ -293,20 +297,25 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
 
 
 # ----------------------------------------------------------------------------- launchers
+# Each launcher passes the kernel's arguments positionally, in its parameter order, all but BLOCK_M
+# (the autotuned tile), to a Launcher (see launch.py): once a launch signature is tuned, later launches
+# go straight to the compiled kernel's C launcher.
+
+_FWD, _DGRAD, _WGRAD = Launcher(_fwd_kernel), Launcher(_dgrad_kernel), Launcher(_wgrad_kernel)
+
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 and not INTERPRET else "ieee"
 
 
-def _geometry(x_shape, y_shape):
-    """Size arguments ``H, W, P, Q, C_IN, C_OUT`` of the kernels from NHWC input / output shapes."""
-    (_, h, w, c_in), (_, p, q, c_out) = x_shape, y_shape
-    return dict(H=h, W=w, P=p, Q=q, C_IN=c_in, C_OUT=c_out)
-
-
 def _on(device: torch.device):
     """Launch on the tensors' GPU, not merely the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_CONTEXT
+    return torch.cuda.device(device)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, allow_tf32):
@@ -314,36 +323,36 @@ def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, 
 
     ``values [nnz, C_out-block, C_in-block]`` with layout ``row_ptr``/``col_idx``; ``bias [C_out]`` or None.
     """
-    (_, s), (bn, bk) = kernel_size, values.shape[1:]
-    geo = _geometry(x.shape, y.shape)
-    m = y.shape[0] * geo["P"] * geo["Q"]
-    if values.shape[0] == 0 or m == 0:  # no active block or no rows: nothing to launch
+    (_, h, w, c_in), (b, p, q, c_out) = x.shape, y.shape
+    nnz, bn, bk = values.shape
+    m = b * p * q
+    if nnz == 0 or m == 0:  # no active block or no rows: nothing to launch
         y.zero_()
         if bias is not None:
             y += bias
         return y
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_OUT"] // bn),)
+    n_blocks = c_out // bn
     with _on(x.device):
-        _fwd_kernel[grid](x, values, row_ptr, col_idx, y if bias is None else bias, y, m, **geo,
-                          DENSITY=density_bucket(values.shape[0], geo["C_OUT"] // bn),
-                          S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk, HAS_BIAS=bias is not None,
-                          PRECISION=_precision(x.dtype, allow_tf32))
+        _FWD.launch(lambda block_m: (triton.cdiv(m, block_m) * n_blocks,),
+                    (x, values, row_ptr, col_idx, y if bias is None else bias, y, m, h, w, p, q, c_in, c_out,
+                     density_bucket(nnz, n_blocks), kernel_size[1], stride, padding, bn, bk, bias is not None,
+                     _precision(x.dtype, allow_tf32)))
     return y
 
 
 def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stride, padding, allow_tf32):
     """Fill ``dx [B, H, W, C_in]`` from ``dy [B, P, Q, C_out]`` (both contiguous), via the column view."""
-    (r, s), (bn, bk) = kernel_size, values.shape[1:]
-    geo = _geometry(dx.shape, dy.shape)
-    m = dx.shape[0] * geo["H"] * geo["W"]
-    if values.shape[0] == 0 or m == 0:
+    (b, h, w, c_in), (_, p, q, c_out) = dx.shape, dy.shape
+    nnz, bn, bk = values.shape
+    m = b * h * w
+    if nnz == 0 or m == 0:
         return dx.zero_()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_IN"] // bk),)
+    k_blocks = c_in // bk
     with _on(dy.device):
-        _dgrad_kernel[grid](dy, values, col_ptr, col_row_idx, col_perm, dx, m, **geo,
-                            DENSITY=density_bucket(values.shape[0], geo["C_OUT"] // bn),
-                            R=r, S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
-                            PRECISION=_precision(dy.dtype, allow_tf32))
+        _DGRAD.launch(lambda block_m: (triton.cdiv(m, block_m) * k_blocks,),
+                      (dy, values, col_ptr, col_row_idx, col_perm, dx, m, h, w, p, q, c_in, c_out,
+                       density_bucket(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
+                       _precision(dy.dtype, allow_tf32)))
     return dx
 
 
@@ -353,21 +362,23 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, kernel_size, s
     ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; the rest is the layout's (see
     :class:`~blockdpr_kernels.BlockLayout`): ``row_idx``/``col_idx`` of each packed block, the runs
     ``groups [n_groups, 2]`` and int32 ``counters [n_groups]`` (zeros) for the split reduction, which adds
-    into the device's shared fp32 workspace (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split count and density bucket are the layout's
-    (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of
-    these sizes; the SM count is cached per device).
+    into the device's shared fp32 workspace (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split
+    count and density bucket are the layout's (:func:`~blockdpr_kernels.layout.wgrad_splits`,
+    :func:`~blockdpr_kernels.layout.density_bucket` of these sizes; the SM count is cached per device).
     """
-    (_, s), (bn, bk) = kernel_size, block
+    (_, h, w, c_in), (b, p, q, c_out) = x.shape, dy.shape
+    bn, bk = block
     nnz = row_idx.shape[0]
-    geo = _geometry(x.shape, dy.shape)
-    m = dy.shape[0] * geo["P"] * geo["Q"]
+    m = b * p * q
     dv = x.new_empty(nnz, bn, bk)
     if nnz == 0 or m == 0:
         return dv.zero_()
-    splits = min(wgrad_splits(groups.shape[0], x.device), triton.cdiv(m, _MIN_BLOCK_M))  # each split >= 1 M tile
+    n_groups = groups.shape[0]
+    splits = min(wgrad_splits(n_groups, x.device), triton.cdiv(m, _MIN_BLOCK_M))  # each split >= 1 M tile
     workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
     with _on(x.device):
-        _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, dv, workspace, counters, m,
-                                                 **geo, DENSITY=density_bucket(nnz, geo["C_OUT"] // bn), S=s, STRIDE=stride, PAD=padding,
-                                                 BN=bn, BK=bk, PRECISION=_precision(x.dtype, allow_tf32))
+        _WGRAD.launch(lambda block_m: (n_groups, splits),
+                      (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
+                       density_bucket(nnz, c_out // bn), kernel_size[1], stride, padding, bn, bk,
+                       _precision(x.dtype, allow_tf32)))
     return dv

@@ -1,0 +1,80 @@
+"""Launch a tuned Triton kernel through its compiled kernel's C launcher.
+
+``kernel[grid](...)`` on an autotuned kernel runs, per call, the autotuner's key and config lookup,
+the JIT's binder (argument specialisation), the compile-cache key and a dict of bound arguments
+before the C launcher: tens of microseconds of Python per launch. :class:`Launcher` pays that once
+per *launch signature* and then calls the cached ``CompiledKernel``'s launcher directly.
+
+The signature holds everything the autotuner and the JIT key on: the device, every scalar
+argument (ints, constexprs, strings) exactly, and each tensor's dtype and 16-byte alignment (the
+JIT specialises pointers on it). A new signature, hence a new autotune key, goes the full way (the
+autotuner tunes it, the JIT compiles or finds the variant) and is remembered with the config and
+compiled kernel it ran. The slow path is also taken whenever something watches launches: a pre-run
+hook on the kernel (``blockdpr_kernels.testing`` recorders) or a launch hook in ``triton.knobs``
+(profilers). Under ``TRITON_INTERPRET=1`` there is no compiled kernel, so every launch is the
+interpreter's. Changing a triton knob that enters the JIT cache key (e.g. ``TRITON_DEBUG``) after a
+signature's first launch does not recompile it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+__all__ = ["Launcher"]
+
+
+def _watched() -> bool:
+    """Whether a triton launch hook is installed (triton 3.9: a HookChain with calls; older: not None)."""
+    runtime = knobs.runtime
+    return any(getattr(h, "calls", h) for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
+class Launcher:
+    """One ``triton.autotune``-d kernel whose last parameter is ``BLOCK_M`` (the tuned tile size).
+
+    ``launch(grid, args)``: ``args`` are every kernel argument but ``BLOCK_M``, positionally in the
+    kernel's parameter order; ``grid(block_m)`` gives the launch grid (a tuple of 1 to 3 ints).
+    """
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+        names = list(tuner.arg_names)
+        if names[-1] != "BLOCK_M":
+            raise ValueError(f"{tuner.base_fn.__name__}: the last parameter must be BLOCK_M, got {names[-1]}")
+        self.n_args = len(names) - 1
+        self.compiles = isinstance(tuner.fn, JITFunction)  # False under the interpreter: no compiled kernel
+        self.compiled: dict[tuple, tuple[CompiledKernel, int]] = {}
+
+    def signature(self, args: Sequence) -> tuple:
+        """The launch signature of ``args`` (see the module docstring)."""
+        return (driver.active.get_current_device(),
+                *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+
+    def launch(self, grid: Callable[[int], tuple], args: Sequence) -> None:
+        if len(args) != self.n_args:
+            raise TypeError(f"{self.tuner.base_fn.__name__}: expected {self.n_args} arguments, got {len(args)}")
+        if not self.compiles:
+            self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
+            return
+        key = self.signature(args)
+        hit = self.compiled.get(key)
+        if hit is None or self.tuner.fn.pre_run_hooks or _watched():
+            self._tune_and_launch(key, grid, args)
+            return
+        kernel, block_m = hit
+        g = grid(block_m)
+        device = key[0]
+        kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+                   driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
+                   None, None, None, *args, block_m)
+
+    def _tune_and_launch(self, key: tuple, grid, args) -> None:
+        """The full path: autotuner (tunes a new key) and JIT (compiles a new variant); remembers the result."""
+        kernel = self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
+        if isinstance(kernel, CompiledKernel):
+            self.compiled[key] = kernel, self.tuner.best_config.kwargs["BLOCK_M"]
