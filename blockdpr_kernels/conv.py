@@ -301,7 +301,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
 # (the autotuned tile), to a Launcher (see launch.py): once a launch signature is tuned, later launches
 # go straight to the compiled kernel's C launcher.
 
-_FWD, _DGRAD, _WGRAD = Launcher(_fwd_kernel), Launcher(_dgrad_kernel), Launcher(_wgrad_kernel)
+_FWD, _DGRAD, _WGRAD = Launcher(_fwd_kernel, tensors=6), Launcher(_dgrad_kernel, tensors=6), Launcher(_wgrad_kernel, tensors=8)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -318,18 +318,25 @@ def _on(device: torch.device):
 _NO_CONTEXT = contextlib.nullcontext()
 
 
-def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, allow_tf32):
-    """Fill ``y [B, P, Q, C_out]`` (contiguous) from ``x [B, H, W, C_in]`` (contiguous).
+def _nhwc_view(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` (memory: a contiguous NHWC array of ``shape``) as that array."""
+    return t.as_strided(shape, (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1))
+
+
+def forward(x, values, row_ptr, col_idx, bias, y, x_nhwc, y_nhwc, kernel_size, stride, padding, allow_tf32):
+    """Fill ``y`` from ``x``: tensors whose memory is the contiguous NHWC arrays of sizes ``x_nhwc`` =
+    ``(B, H, W, C_in)`` and ``y_nhwc`` = ``(B, P, Q, C_out)`` (a channels_last NCHW tensor, or a
+    ``[M, C]`` matrix as ``(M, 1, 1, C)``): no view is made per call.
 
     ``values [nnz, C_out-block, C_in-block]`` with layout ``row_ptr``/``col_idx``; ``bias [C_out]`` or None.
     """
-    (_, h, w, c_in), (b, p, q, c_out) = x.shape, y.shape
+    (_, h, w, c_in), (b, p, q, c_out) = x_nhwc, y_nhwc
     nnz, bn, bk = values.shape
     m = b * p * q
     if nnz == 0 or m == 0:  # no active block or no rows: nothing to launch
-        y.zero_()
+        out = _nhwc_view(y, y_nhwc).zero_()
         if bias is not None:
-            y += bias
+            out += bias
         return y
     n_blocks = c_out // bn
     with _on(x.device):
@@ -340,9 +347,11 @@ def forward(x, values, row_ptr, col_idx, bias, y, kernel_size, stride, padding, 
     return y
 
 
-def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stride, padding, allow_tf32):
-    """Fill ``dx [B, H, W, C_in]`` from ``dy [B, P, Q, C_out]`` (both contiguous), via the column view."""
-    (b, h, w, c_in), (_, p, q, c_out) = dx.shape, dy.shape
+def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc, kernel_size, stride, padding,
+               allow_tf32):
+    """Fill ``dx`` (NHWC sizes ``dx_nhwc`` = ``(B, H, W, C_in)``) from ``dy`` (``dy_nhwc`` = ``(B, P, Q, C_out)``),
+    via the column view; memory as in :func:`forward`."""
+    (b, h, w, c_in), (_, p, q, c_out) = dx_nhwc, dy_nhwc
     nnz, bn, bk = values.shape
     m = b * h * w
     if nnz == 0 or m == 0:
@@ -356,17 +365,19 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stri
     return dx
 
 
-def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, kernel_size, stride, padding, allow_tf32):
+def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhwc, kernel_size, stride, padding,
+                allow_tf32):
     """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
 
-    ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; the rest is the layout's (see
-    :class:`~blockdpr_kernels.BlockLayout`): ``row_idx``/``col_idx`` of each packed block, the runs
-    ``groups [n_groups, 2]`` and int32 ``counters [n_groups]`` (zeros) for the split reduction, which adds
-    into the device's shared fp32 workspace (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split
-    count and density bucket are the layout's (:func:`~blockdpr_kernels.layout.wgrad_splits`,
-    :func:`~blockdpr_kernels.layout.density_bucket` of these sizes; the SM count is cached per device).
+    ``x`` (NHWC sizes ``x_nhwc`` = ``(B, H, W, C_in)``), ``dy`` (``dy_nhwc`` = ``(B, P, Q, C_out)``), memory as
+    in :func:`forward`; the rest is the layout's (see :class:`~blockdpr_kernels.BlockLayout`):
+    ``row_idx``/``col_idx`` of each packed block, the runs ``groups [n_groups, 2]`` and int32 ``counters
+    [n_groups]`` (zeros) for the split reduction, which adds into the device's shared fp32 workspace
+    (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split count and density bucket are the layout's
+    (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of these
+    sizes; the SM count is cached per device).
     """
-    (_, h, w, c_in), (b, p, q, c_out) = x.shape, dy.shape
+    (_, h, w, c_in), (b, p, q, c_out) = x_nhwc, dy_nhwc
     bn, bk = block
     nnz = row_idx.shape[0]
     m = b * p * q

@@ -17,9 +17,8 @@ signature's first launch does not recompile it.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
-import torch
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime import driver
@@ -35,27 +34,29 @@ def _watched() -> bool:
 
 
 class Launcher:
-    """One ``triton.autotune``-d kernel whose last parameter is ``BLOCK_M`` (the tuned tile size).
+    """One ``triton.autotune``-d kernel whose first ``tensors`` parameters are tensors and whose last is
+    ``BLOCK_M`` (the tuned tile size).
 
     ``launch(grid, args)``: ``args`` are every kernel argument but ``BLOCK_M``, positionally in the
     kernel's parameter order; ``grid(block_m)`` gives the launch grid (a tuple of 1 to 3 ints).
     """
 
-    def __init__(self, tuner):
+    def __init__(self, tuner, tensors: int):
         self.tuner = tuner
         names = list(tuner.arg_names)
         if names[-1] != "BLOCK_M":
             raise ValueError(f"{tuner.base_fn.__name__}: the last parameter must be BLOCK_M, got {names[-1]}")
-        self.n_args = len(names) - 1
+        self.n_args, self.n_tensors = len(names) - 1, tensors
         self.compiles = isinstance(tuner.fn, JITFunction)  # False under the interpreter: no compiled kernel
         self.compiled: dict[tuple, tuple[CompiledKernel, int]] = {}
 
-    def signature(self, args: Sequence) -> tuple:
+    def signature(self, args: tuple) -> tuple:
         """The launch signature of ``args`` (see the module docstring)."""
-        return (driver.active.get_current_device(),
-                *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+        tensors = args[:self.n_tensors]
+        return (driver.active.get_current_device(), args[self.n_tensors:], tuple([t.dtype for t in tensors]),
+                tuple([t.data_ptr() % 16 == 0 for t in tensors]))
 
-    def launch(self, grid: Callable[[int], tuple], args: Sequence) -> None:
+    def launch(self, grid: Callable[[int], tuple], args: tuple) -> None:
         if len(args) != self.n_args:
             raise TypeError(f"{self.tuner.base_fn.__name__}: expected {self.n_args} arguments, got {len(args)}")
         if not self.compiles:

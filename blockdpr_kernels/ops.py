@@ -109,6 +109,12 @@ def _check_common(x, values, layout, bias, backend, blocks):
     return backend, x, values, bias
 
 
+def _eager(plain, transformable):
+    """The autograd Function of the eager path: the ``setup_context`` style only while a ``torch.func``
+    transform is active (the check ``Function.apply`` itself makes), else the cheaper plain style."""
+    return transformable if torch._C._are_functorch_transforms_active() else plain
+
+
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
                         *, backend: str = "auto") -> Tensor:
     """``y = x @ W^T + bias`` with the block-sparse ``W [N, K]`` given as packed ``values``.
@@ -132,11 +138,12 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous tensor")
     idx = functions.layout_tensors(layout)
+    rows = x if x.dim() == 2 else x.reshape(-1, k)  # no view (and no view node in the backward) for [M, K]
     if torch.compiler.is_compiling():
-        y = library.linear(x.reshape(-1, k), values, idx, bias, backend)
+        y = library.linear(rows, values, idx, bias, backend)
     else:
-        y = functions.Linear.apply(x.reshape(-1, k), values, bias, idx, backend)
-    return y.reshape(*x.shape[:-1], n)
+        y = _eager(functions.Linear, functions.LinearTransformable).apply(rows, values, bias, idx, backend)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _pair(v, name):
@@ -212,4 +219,5 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     idx = functions.layout_tensors(layout)
     if torch.compiler.is_compiling():
         return library.conv2d(x, values, idx, bias, ks, stride, padding, backend)
-    return functions.Conv2d.apply(x, values, bias, idx, ks, stride, padding, backend)
+    return _eager(functions.Conv2d, functions.Conv2dTransformable).apply(x, values, bias, idx, ks, stride, padding,
+                                                                         backend)
