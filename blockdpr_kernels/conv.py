@@ -19,7 +19,9 @@ tap on the fly (masked at the batch*spatial edge and at zero padding). Three ker
 
 Every launch tensor derived from the layout (weight-gradient runs, counters) is built
 once by :class:`~blockdpr_kernels.BlockLayout`; the split count and density bucket are its O(1)
-functions of their sizes (SM count cached per device). A launcher allocates its output and launches.
+functions of their sizes (SM count cached per device). A launcher allocates its output and launches
+through a :class:`~blockdpr_kernels.launch.Launcher` (once tuned, straight to the compiled kernel's C
+launcher); tensors come as NHWC memory plus their sizes, so no view is made per call.
 The autotune key holds the shapes and the layout's coarse density bucket (``DENSITY``, not
 specialised on), so a config tuned on a dense layout is not reused at 90% sparsity.
 
@@ -299,8 +301,10 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
 # ----------------------------------------------------------------------------- launchers
 # Each launcher passes the kernel's arguments positionally, in its parameter order, all but BLOCK_M
 # (the autotuned tile), to a Launcher (see launch.py): once a launch signature is tuned, later launches
-# go straight to the compiled kernel's C launcher.
+# go straight to the compiled kernel's C launcher. Ceiling divisions are written -(-a // b): triton.cdiv
+# is a constexpr function whose wrapper costs microseconds per call on the host.
 
+_density = functools.lru_cache(maxsize=4096)(density_bucket)  # an O(1) formula, but per launch: memoised
 _FWD, _DGRAD, _WGRAD = Launcher(_fwd_kernel, tensors=6), Launcher(_dgrad_kernel, tensors=6), Launcher(_wgrad_kernel, tensors=8)
 
 
@@ -340,9 +344,9 @@ def forward(x, values, row_ptr, col_idx, bias, y, x_nhwc, y_nhwc, kernel_size, s
         return y
     n_blocks = c_out // bn
     with _on(x.device):
-        _FWD.launch(lambda block_m: (triton.cdiv(m, block_m) * n_blocks,),
+        _FWD.launch(lambda block_m: (-(-m // block_m) * n_blocks,),
                     (x, values, row_ptr, col_idx, y if bias is None else bias, y, m, h, w, p, q, c_in, c_out,
-                     density_bucket(nnz, n_blocks), kernel_size[1], stride, padding, bn, bk, bias is not None,
+                     _density(nnz, n_blocks), kernel_size[1], stride, padding, bn, bk, bias is not None,
                      _precision(x.dtype, allow_tf32)))
     return y
 
@@ -358,9 +362,9 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc,
         return dx.zero_()
     k_blocks = c_in // bk
     with _on(dy.device):
-        _DGRAD.launch(lambda block_m: (triton.cdiv(m, block_m) * k_blocks,),
+        _DGRAD.launch(lambda block_m: (-(-m // block_m) * k_blocks,),
                       (dy, values, col_ptr, col_row_idx, col_perm, dx, m, h, w, p, q, c_in, c_out,
-                       density_bucket(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
+                       _density(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
                        _precision(dy.dtype, allow_tf32)))
     return dx
 
@@ -385,11 +389,11 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
     if nnz == 0 or m == 0:
         return dv.zero_()
     n_groups = groups.shape[0]
-    splits = min(wgrad_splits(n_groups, x.device), triton.cdiv(m, _MIN_BLOCK_M))  # each split >= 1 M tile
+    splits = min(wgrad_splits(n_groups, x.device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
     workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
     with _on(x.device):
         _WGRAD.launch(lambda block_m: (n_groups, splits),
                       (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
-                       density_bucket(nnz, c_out // bn), kernel_size[1], stride, padding, bn, bk,
+                       _density(nnz, c_out // bn), kernel_size[1], stride, padding, bn, bk,
                        _precision(x.dtype, allow_tf32)))
     return dv

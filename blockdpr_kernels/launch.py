@@ -30,7 +30,8 @@ __all__ = ["Launcher"]
 def _watched() -> bool:
     """Whether a triton launch hook is installed (triton 3.9: a HookChain with calls; older: not None)."""
     runtime = knobs.runtime
-    return any(getattr(h, "calls", h) for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(exit_, "calls", exit_))
 
 
 class Launcher:
@@ -48,17 +49,17 @@ class Launcher:
             raise ValueError(f"{tuner.base_fn.__name__}: the last parameter must be BLOCK_M, got {names[-1]}")
         self.n_args, self.n_tensors = len(names) - 1, tensors
         self.compiles = isinstance(tuner.fn, JITFunction)  # False under the interpreter: no compiled kernel
-        self.compiled: dict[tuple, tuple[CompiledKernel, int]] = {}
+        # signature -> (the compiled kernel's C launcher, its function handle and packed metadata, BLOCK_M)
+        self.compiled: dict[tuple, tuple] = {}
+        self._driver = None  # triton's active driver when the first kernel was kept (bench.host sets its own)
 
     def signature(self, args: tuple) -> tuple:
         """The launch signature of ``args`` (see the module docstring)."""
         tensors = args[:self.n_tensors]
-        return (driver.active.get_current_device(), args[self.n_tensors:], tuple([t.dtype for t in tensors]),
-                tuple([t.data_ptr() % 16 == 0 for t in tensors]))
+        return ((self._driver or driver.active).get_current_device(), args[self.n_tensors:],
+                tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]))
 
     def launch(self, grid: Callable[[int], tuple], args: tuple) -> None:
-        if len(args) != self.n_args:
-            raise TypeError(f"{self.tuner.base_fn.__name__}: expected {self.n_args} arguments, got {len(args)}")
         if not self.compiles:
             self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
             return
@@ -67,15 +68,17 @@ class Launcher:
         if hit is None or self.tuner.fn.pre_run_hooks or _watched():
             self._tune_and_launch(key, grid, args)
             return
-        kernel, block_m = hit
+        run, function, metadata, block_m = hit
         g = grid(block_m)
-        device = key[0]
-        kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
-                   driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
-                   None, None, None, *args, block_m)
+        run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._driver.get_current_stream(key[0]),
+            function, metadata, None, None, None, *args, block_m)
 
     def _tune_and_launch(self, key: tuple, grid, args) -> None:
         """The full path: autotuner (tunes a new key) and JIT (compiles a new variant); remembers the result."""
+        if len(args) != self.n_args:
+            raise TypeError(f"{self.tuner.base_fn.__name__}: expected {self.n_args} arguments, got {len(args)}")
         kernel = self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
         if isinstance(kernel, CompiledKernel):
-            self.compiled[key] = kernel, self.tuner.best_config.kwargs["BLOCK_M"]
+            self._driver = driver.active
+            self.compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata,
+                                  self.tuner.best_config.kwargs["BLOCK_M"])

@@ -148,6 +148,8 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
 
 def _pair(v, name):
     """One int from an int or a pair of equal ints."""
+    if type(v) is int:  # the common case first: this runs per call
+        return v
     if isinstance(v, (tuple, list)):
         if len(v) != 2 or v[0] != v[1]:
             raise ValueError(f"{name}: expected an int or a pair of equal ints, got {v}")
@@ -158,6 +160,8 @@ def _pair(v, name):
 
 
 def _kernel_size(kernel_size):
+    if type(kernel_size) is int and kernel_size >= 1:  # the common case first: this runs per call
+        return [kernel_size, kernel_size]
     ks = [kernel_size] * 2 if isinstance(kernel_size, int) else list(kernel_size)
     if len(ks) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise ValueError(f"kernel_size: expected a positive int or pair of positive ints, got {kernel_size}")
