@@ -16,8 +16,11 @@ cannot time anything here, so the tuner "times" every config by its position and
 the pruner leaves: one tuning per key, as on a GPU, then cache hits.
 
 Per case: one forward + backward (``x.grad`` / weight grad reset to None before each call, as
-``zero_grad`` does), ``--calls`` calls per repeat, the host time per call in microseconds, the minimum
-over ``--repeats`` repeats (all kept in the JSON). torch's dense ``F.conv2d`` / ``F.linear`` cannot run on
+``zero_grad`` does) and the forward alone; ``--calls`` calls per repeat, the CPU time of the calling
+thread per call in microseconds (``time.thread_time``: a machine shared with other work does not
+inflate it by descheduling), the cases timed round robin, the minimum over ``--repeats`` repeats (all
+kept in the JSON). glibc's mmap threshold is raised in the subprocess so that large CPU tensors come
+from the heap, as a GPU caching allocator serves cached blocks. torch's dense ``F.conv2d`` / ``F.linear`` cannot run on
 the do-nothing device, so its baseline runs twice: on meta tensors of the same shapes (the whole
 dispatch and autograd path, no kernel, no allocation) and on tiny CPU tensors (a real CPU kernel that
 costs almost nothing); see bench/README.md. Targets (issue 20): block-sparse conv and linear fwd+bwd
@@ -59,7 +62,7 @@ TARGET_RATIO = 1.0
 # Large CPU tensors from the heap, as a GPU's caching allocator serves its cached blocks, instead of one
 # mmap / munmap pair per tensor over 32 MiB (the linear case's 64 MiB outputs: ~15 us each on this machine).
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
-# (name, op, shape): the two layers of issue 20; torch's baseline uses the same shapes on meta tensors.
+# The two layers of issue 20 (bf16, no bias); torch's baseline uses the same shapes on meta tensors.
 CONV = dict(batch=256, channels=640, hw=8, kernel=3, block=32, sparsity=0.9)
 LINEAR = dict(tokens=8192, features=4096, block=64, sparsity=0.9)
 TINY_CONV = dict(batch=1, channels=8, hw=4, kernel=3)   # torch's baseline on CPU: almost no arithmetic
@@ -251,7 +254,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     """Block-sparse host time over torch's, per op, mode and baseline; with the target (fwd+bwd vs meta)."""
     out = []
     for sparse in (r for r in rows if r["tensors"] == SPARSE):
-        for dense in (r for r in rows if r["op"] == sparse["op"] and r["mode"] == sparse["mode"] and r["tensors"] != SPARSE):
+        peers = (r for r in rows if r["op"] == sparse["op"] and r["mode"] == sparse["mode"])
+        for dense in (r for r in peers if r["tensors"] != SPARSE):
             ratio = sparse["host_us"] / dense["host_us"]
             target = sparse["mode"] == "fwd+bwd" and dense["tensors"] == "meta"
             out.append(dict(op=sparse["op"], mode=sparse["mode"], baseline=dense["tensors"], ratio=ratio,
@@ -269,7 +273,8 @@ def markdown(record: dict) -> str:
              f"{prov['versions']['triton']}, {record['torch_threads']} torch thread); do-nothing driver as triton "
              f"saw it: {dev['target']}, {props['multiprocessor_count']} SMs, {props['max_shared_mem'] // 1024} KiB "
              f"shared memory per block. Host us per call, min of {record['repeats']} repeats of {record['calls']} "
-             "calls (CPU time of the calling thread). Generated from `bench/results/host.json`: do not edit by hand.", "",
+             "calls (CPU time of the calling thread). Generated from `bench/results/host.json`: do not edit "
+             "by hand.", "",
              "| case | tensors | fwd+bwd us | fwd us |", "| --- | --- | --- | --- |"]
     by = {(r["name"], r["op"], r["tensors"], r["mode"]): r["host_us"] for r in record["rows"]}
     for name, op, tensors in dict.fromkeys((r["name"], r["op"], r["tensors"]) for r in record["rows"]):

@@ -305,7 +305,9 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
 # is a constexpr function whose wrapper costs microseconds per call on the host.
 
 _density = functools.lru_cache(maxsize=4096)(density_bucket)  # an O(1) formula, but per launch: memoised
-_FWD, _DGRAD, _WGRAD = Launcher(_fwd_kernel, tensors=6), Launcher(_dgrad_kernel, tensors=6), Launcher(_wgrad_kernel, tensors=8)
+_FWD = Launcher(_fwd_kernel, tensors=6)
+_DGRAD = Launcher(_dgrad_kernel, tensors=6)
+_WGRAD = Launcher(_wgrad_kernel, tensors=8)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:

@@ -125,6 +125,11 @@ class LinearTransformable(Linear):
 
 # ----------------------------------------------------------------------------- conv2d
 
+def _tf32(t: Tensor) -> bool:
+    """Whether TF32 is allowed for ``t``'s conv (torch's flag is read only for fp32: it costs ~0.5 us)."""
+    return t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
 def _nhwc(shape) -> tuple:
     """The NHWC sizes of a channels_last NCHW shape (whose memory is that NHWC array)."""
     return shape[0], shape[2], shape[3], shape[1]
@@ -151,7 +156,7 @@ def conv2d(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor],
     if backend == "triton":
         y = conv2d_out(x, values, idx, kernel_size, stride, padding)
         conv.forward(x, values, idx[0], idx[1], bias, y, _nhwc(x.shape), _nhwc(y.shape), kernel_size, stride,
-                     padding, torch.backends.cudnn.allow_tf32)
+                     padding, _tf32(x))
         return y
     return reference.conv2d(x, values, idx[2], idx[1], block_grid(idx), kernel_size, stride, padding, bias)
 
@@ -162,7 +167,7 @@ def conv2d_grad_input(dy: Tensor, values: Tensor, idx: List[Tensor], x_shape: Li
     if backend == "triton":
         dx = empty_channels_last(x_shape, dy)
         conv.grad_input(dy, values, idx[3], idx[4], idx[5], dx, _nhwc(dy.shape), _nhwc(x_shape), kernel_size,
-                        stride, padding, torch.backends.cudnn.allow_tf32)
+                        stride, padding, _tf32(dy))
         return dx
     return reference.conv2d_grad_input(dy, values, idx[2], idx[1], block_grid(idx), x_shape, kernel_size, stride,
                                        padding)
@@ -174,7 +179,7 @@ def conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
     block = tuple(values.shape[1:])
     if backend == "triton":
         return conv.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block, _nhwc(x.shape), _nhwc(dy.shape),
-                                kernel_size, stride, padding, torch.backends.cudnn.allow_tf32)
+                                kernel_size, stride, padding, _tf32(x))
     return reference.conv2d_grad_weight(x, dy, idx[2], idx[1], block, kernel_size, stride, padding)
 
 

@@ -49,8 +49,8 @@ class Launcher:
             raise ValueError(f"{tuner.base_fn.__name__}: the last parameter must be BLOCK_M, got {names[-1]}")
         self.n_args, self.n_tensors = len(names) - 1, tensors
         self.compiles = isinstance(tuner.fn, JITFunction)  # False under the interpreter: no compiled kernel
-        # signature -> (the compiled kernel's C launcher, its function handle and packed metadata, BLOCK_M)
-        self.compiled: dict[tuple, tuple] = {}
+        # signature -> launch(grid_x, grid_y, grid_z, stream, args) of the kept compiled kernel (see _direct)
+        self.compiled: dict[tuple, Callable] = {}
         self._driver = None  # triton's active driver when the first kernel was kept (bench.host sets its own)
 
     def signature(self, args: tuple) -> tuple:
@@ -68,10 +68,10 @@ class Launcher:
         if hit is None or self.tuner.fn.pre_run_hooks or _watched():
             self._tune_and_launch(key, grid, args)
             return
-        run, function, metadata, block_m = hit
+        launch, block_m = hit
         g = grid(block_m)
-        run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._driver.get_current_stream(key[0]),
-            function, metadata, None, None, None, *args, block_m)
+        launch(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._driver.get_current_stream(key[0]),
+               args + (block_m,))
 
     def _tune_and_launch(self, key: tuple, grid, args) -> None:
         """The full path: autotuner (tunes a new key) and JIT (compiles a new variant); remembers the result."""
@@ -80,5 +80,31 @@ class Launcher:
         kernel = self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
         if isinstance(kernel, CompiledKernel):
             self._driver = driver.active
-            self.compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata,
-                                  self.tuner.best_config.kwargs["BLOCK_M"])
+            self.compiled[key] = _direct(kernel), self.tuner.best_config.kwargs["BLOCK_M"]
+
+
+_C_LAUNCH_FIELDS = ("launch", "arg_annotations", "kernel_signature", "launch_cooperative_grid", "launch_pdl",
+                    "global_scratch_size", "profile_scratch_size")
+
+
+def _direct(kernel: CompiledKernel) -> Callable:
+    """``launch(grid_x, grid_y, grid_z, stream, args)`` of a compiled kernel (``args``: all its arguments).
+
+    When the kernel needs no scratch memory and no sanitizer (ours), this calls the C function under
+    triton's CUDA launcher object (``CudaLauncher.launch``) with the launcher's fixed fields, skipping
+    the object's per-launch Python (scratch allocation closures); otherwise the launcher object itself.
+    """
+    runner, function, metadata = kernel.run, kernel.function, kernel.packed_metadata
+    if (all(hasattr(runner, f) for f in _C_LAUNCH_FIELDS) and not runner.global_scratch_size
+            and not runner.profile_scratch_size and not getattr(runner, "gsan_enabled", False)):
+        c_launch, cooperative, pdl = runner.launch, runner.launch_cooperative_grid, runner.launch_pdl
+        annotations, signature = runner.arg_annotations, runner.kernel_signature
+
+        def launch(gx, gy, gz, stream, args):
+            c_launch(gx, gy, gz, stream, function, cooperative, pdl, metadata, None, None, None, None, None,
+                     annotations, signature, args)
+        return launch
+
+    def launch(gx, gy, gz, stream, args):
+        runner(gx, gy, gz, stream, function, metadata, None, None, None, *args)
+    return launch

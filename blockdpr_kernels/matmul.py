@@ -22,12 +22,16 @@ from . import conv
 _ONE = ((1, 1), 1, 0)  # kernel size, stride, padding of the equivalent conv
 
 
+def _tf32(t: torch.Tensor) -> bool:
+    """Whether TF32 is allowed for ``t``'s matmul (torch's flag is read only for fp32: it costs ~1 us)."""
+    return t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def forward(x, values, row_ptr, col_idx, bias, n_out: int) -> torch.Tensor:
     """``x [M, K]`` -> ``y [M, N]`` (dtype of x)."""
     m = x.shape[0]
     y = x.new_empty(m, n_out)
-    conv.forward(x, values, row_ptr, col_idx, bias, y, (m, 1, 1, x.shape[1]), (m, 1, 1, n_out), *_ONE,
-                 torch.backends.cuda.matmul.allow_tf32)
+    conv.forward(x, values, row_ptr, col_idx, bias, y, (m, 1, 1, x.shape[1]), (m, 1, 1, n_out), *_ONE, _tf32(x))
     return y
 
 
@@ -36,7 +40,7 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, k_in: int) -> torch.T
     m = dy.shape[0]
     dx = dy.new_empty(m, k_in)
     conv.grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, (m, 1, 1, dy.shape[1]), (m, 1, 1, k_in), *_ONE,
-                    torch.backends.cuda.matmul.allow_tf32)
+                    _tf32(dy))
     return dx
 
 
@@ -45,4 +49,4 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block) -> torch.Tenso
     the other arguments are the layout's weight-gradient metadata (see :func:`conv.grad_weight`)."""
     m = x.shape[0]
     return conv.grad_weight(x, dy, row_idx, col_idx, groups, counters, block, (m, 1, 1, x.shape[1]),
-                            (m, 1, 1, dy.shape[1]), *_ONE, torch.backends.cuda.matmul.allow_tf32)
+                            (m, 1, 1, dy.shape[1]), *_ONE, _tf32(x))

@@ -126,7 +126,8 @@ def conv2d_grad_input(dy, values, row_idx, col_idx, grid, x_shape, kernel_size, 
     b, c_in, h, w = x_shape
     rows = _acc(dy).permute(0, 2, 3, 1).reshape(-1, dy.shape[1])
     cols = block_matmul(rows, _acc(values), row_idx, col_idx, grid[1], transpose=True)  # [B*P*Q, R*S*C_in]
-    cols = cols.view(b, -1, kernel_size[0] * kernel_size[1], c_in).permute(0, 3, 2, 1).reshape(b, -1, cols.shape[0] // b)
+    taps = kernel_size[0] * kernel_size[1]
+    cols = cols.view(b, -1, taps, c_in).permute(0, 3, 2, 1).reshape(b, c_in * taps, -1)  # K as (c, r, s)
     dx = F.fold(cols, (h, w), kernel_size, padding=padding, stride=stride)
     return dx.to(dy.dtype).contiguous(memory_format=torch.channels_last)
 
