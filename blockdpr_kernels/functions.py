@@ -18,6 +18,7 @@ paths of :mod:`.ops`:
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -35,6 +36,18 @@ __all__ = ["layout_tensors", "block_grid", "empty_channels_last", "conv_out_hw",
            "Linear", "LinearTransformable", "Conv2d", "Conv2dTransformable",
            "linear", "linear_grad_input", "linear_grad_weight",
            "conv2d", "conv2d_grad_input", "conv2d_grad_weight"]
+
+
+def _first_order(backward):
+    """``once_differentiable`` (a second backward through the gradients raises), entered only when grad
+    mode is on (``create_graph=True``); a plain backward runs with grad mode off, so it skips the wrapper's
+    ``no_grad`` context."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+    return wrapper
 
 
 def layout_tensors(layout) -> List[Tensor]:
@@ -88,7 +101,7 @@ class Linear(torch.autograd.Function):
         return linear(x, values, idx, bias, backend)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         dy = dy.contiguous()
@@ -193,7 +206,7 @@ class Conv2d(torch.autograd.Function):
         return conv2d(x, values, idx, bias, kernel_size, stride, padding, backend)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)

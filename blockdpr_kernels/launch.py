@@ -57,7 +57,7 @@ class Launcher:
         """The launch signature of ``args`` (see the module docstring)."""
         tensors = args[:self.n_tensors]
         return ((self._driver or driver.active).get_current_device(), args[self.n_tensors:],
-                tuple([t.dtype for t in tensors]), tuple([t.data_ptr() % 16 == 0 for t in tensors]))
+                tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]))
 
     def launch(self, grid: Callable[[int], tuple], args: tuple) -> None:
         if not self.compiles:
