@@ -9,6 +9,7 @@ throughput   the benchmark CLI: flags, presets, work items, run; layers (one lay
              peers), training (training steps), report (targets, tables, plots, markdown)
 breakdown    per-kernel times of the target shapes, cuDNN's passes, torch.profiler's top kernels
 memory       bytes of parameters + gradients + optimizer state, dense against block mode
+host         host cost per layer call without a GPU: Triton's launch path over a do-nothing CUDA driver
 autotune_cache  tuned kernel configs saved per GPU name and loaded before timing
 narrow_autotune  pytest plugin: one config per kernel, for bounded GPU test runs
 session      what bench/gpu_session.sh runs: bounded steps, summary.json

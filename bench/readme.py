@@ -103,12 +103,12 @@ def results_markdown(results: Path, root: Path = ROOT) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def replace_between_markers(text: str, block: str) -> str:
-    """``text`` with everything between START and END replaced by ``block``; ValueError without both."""
-    i, j = text.find(START), text.find(END)
+def replace_between_markers(text: str, block: str, start: str = START, end: str = END) -> str:
+    """``text`` with everything between ``start`` and ``end`` replaced by ``block``; ValueError without both."""
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"the README has no {START} ... {END} section to regenerate")
-    return text[:i + len(START)] + "\n" + block + text[j:]
+        raise ValueError(f"the README has no {start} ... {end} section to regenerate")
+    return text[:i + len(start)] + "\n" + block + text[j:]
 
 
 def update_readme(readme: Path, results: Path) -> str:

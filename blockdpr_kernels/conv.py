@@ -19,7 +19,9 @@ tap on the fly (masked at the batch*spatial edge and at zero padding). Three ker
 
 Every launch tensor derived from the layout (weight-gradient runs, counters) is built
 once by :class:`~blockdpr_kernels.BlockLayout`; the split count and density bucket are its O(1)
-functions of their sizes (SM count cached per device). A launcher allocates its output and launches.
+functions of their sizes (SM count cached per device). A launcher allocates its output and launches
+through a :class:`~blockdpr_kernels.launch.Launcher` (once tuned, straight to the compiled kernel's C
+launcher); tensors come as NHWC memory plus their sizes, so no view is made per call.
 The autotune key holds the shapes and the layout's coarse density bucket (``DENSITY``, not
 specialised on), so a config tuned on a dense layout is not reused at 90% sparsity.
 
@@ -40,9 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .layout import density_bucket, wgrad_group, wgrad_splits, wgrad_workspace
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether ops may launch the kernels on CPU tensors: under the interpreter, or under the do-nothing CUDA
+# driver of bench/host.py (which sets it to measure the host path).
+CPU_LAUNCH = INTERPRET
 
 
 def _configs():
@@ -312,81 +318,103 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
 
 
 # ----------------------------------------------------------------------------- launchers
+# Each launcher passes the kernel's arguments positionally, in its parameter order, all but BLOCK_M
+# (the autotuned tile), to a Launcher (see launch.py): once a launch signature is tuned, later launches
+# go straight to the compiled kernel's C launcher. Ceiling divisions are written -(-a // b): triton.cdiv
+# is a constexpr function whose wrapper costs microseconds per call on the host.
+
+_density = functools.lru_cache(maxsize=4096)(density_bucket)  # an O(1) formula, but per launch: memoised
+_FWD = Launcher(_fwd_kernel, tensors=6)
+_DGRAD = Launcher(_dgrad_kernel, tensors=6)
+_WGRAD = Launcher(_wgrad_kernel, tensors=8)
+
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 and not INTERPRET else "ieee"
 
 
-def _geometry(x_shape, y_shape):
-    """Size arguments ``H, W, P, Q, C_IN, C_OUT`` of the kernels from NHWC input / output shapes."""
-    (_, h, w, c_in), (_, p, q, c_out) = x_shape, y_shape
-    return dict(H=h, W=w, P=p, Q=q, C_IN=c_in, C_OUT=c_out)
-
-
 def _on(device: torch.device):
     """Launch on the tensors' GPU, not merely the current one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_CONTEXT
+    return torch.cuda.device(device)
 
 
-def forward(x, values, row_prefix, col_idx, bias, y, kernel_size, stride, padding, allow_tf32):
-    """Fill ``y [B, P, Q, C_out]`` (contiguous) from ``x [B, H, W, C_in]`` (contiguous).
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _nhwc_view(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` (memory: a contiguous NHWC array of ``shape``) as that array."""
+    return t.as_strided(shape, (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1))
+
+
+def forward(x, values, row_prefix, col_idx, bias, y, x_nhwc, y_nhwc, kernel_size, stride, padding, allow_tf32):
+    """Fill ``y`` from ``x``: tensors whose memory is the contiguous NHWC arrays of sizes ``x_nhwc`` =
+    ``(B, H, W, C_in)`` and ``y_nhwc`` = ``(B, P, Q, C_out)`` (a channels_last NCHW tensor, or a
+    ``[M, C]`` matrix as ``(M, 1, 1, C)``): no view is made per call.
 
     ``values [nnz, C_out-block, C_in-block]`` with layout ``row_prefix``/``col_idx``; ``bias [C_out]`` or None.
     """
-    (r, s), (bn, bk) = kernel_size, values.shape[1:]
-    geo = _geometry(x.shape, y.shape)
-    m = y.shape[0] * geo["P"] * geo["Q"]
-    if values.shape[0] == 0 or m == 0:  # no active block or no rows: nothing to launch
-        y.zero_()
+    (_, h, w, c_in), (b, p, q, c_out) = x_nhwc, y_nhwc
+    nnz, bn, bk = values.shape
+    m = b * p * q
+    if nnz == 0 or m == 0:  # no active block or no rows: nothing to launch
+        out = _nhwc_view(y, y_nhwc).zero_()
         if bias is not None:
-            y += bias
+            out += bias
         return y
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_OUT"] // bn),)
+    n_blocks = c_out // bn
     with _on(x.device):
-        _fwd_kernel[grid](x, values, row_prefix, col_idx, y if bias is None else bias, y, m, **geo,
-                          DENSITY=density_bucket(values.shape[0], geo["C_OUT"] // bn),
-                          R=r, S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk, HAS_BIAS=bias is not None,
-                          PRECISION=_precision(x.dtype, allow_tf32))
+        _FWD.launch(lambda block_m: (-(-m // block_m) * n_blocks,),
+                    (x, values, row_prefix, col_idx, y if bias is None else bias, y, m, h, w, p, q, c_in, c_out,
+                     _density(nnz, n_blocks), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
+                     bias is not None, _precision(x.dtype, allow_tf32)))
     return y
 
 
-def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, kernel_size, stride, padding, allow_tf32):
-    """Fill ``dx [B, H, W, C_in]`` from ``dy [B, P, Q, C_out]`` (both contiguous), via the column view."""
-    (r, s), (bn, bk) = kernel_size, values.shape[1:]
-    geo = _geometry(dx.shape, dy.shape)
-    m = dx.shape[0] * geo["H"] * geo["W"]
-    if values.shape[0] == 0 or m == 0:
+def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc, kernel_size, stride, padding,
+               allow_tf32):
+    """Fill ``dx`` (NHWC sizes ``dx_nhwc`` = ``(B, H, W, C_in)``) from ``dy`` (``dy_nhwc`` = ``(B, P, Q, C_out)``),
+    via the column view; memory as in :func:`forward`."""
+    (b, h, w, c_in), (_, p, q, c_out) = dx_nhwc, dy_nhwc
+    nnz, bn, bk = values.shape
+    m = b * h * w
+    if nnz == 0 or m == 0:
         return dx.zero_()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (geo["C_IN"] // bk),)
+    k_blocks = c_in // bk
     with _on(dy.device):
-        _dgrad_kernel[grid](dy, values, col_ptr, col_row_idx, col_perm, dx, m, **geo,
-                            DENSITY=density_bucket(values.shape[0], geo["C_OUT"] // bn),
-                            R=r, S=s, STRIDE=stride, PAD=padding, BN=bn, BK=bk,
-                            PRECISION=_precision(dy.dtype, allow_tf32))
+        _DGRAD.launch(lambda block_m: (-(-m // block_m) * k_blocks,),
+                      (dy, values, col_ptr, col_row_idx, col_perm, dx, m, h, w, p, q, c_in, c_out,
+                       _density(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
+                       _precision(dy.dtype, allow_tf32)))
     return dx
 
 
-def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, kernel_size, stride, padding, allow_tf32):
+def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhwc, kernel_size, stride, padding,
+                allow_tf32):
     """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
 
-    ``x [B, H, W, C_in]``, ``dy [B, P, Q, C_out]`` contiguous; the rest is the layout's (see
-    :class:`~blockdpr_kernels.BlockLayout`): ``row_idx``/``col_idx`` of each packed block, the runs
-    ``groups [n_groups, 2]`` and int32 ``counters [n_groups]`` (zeros) for the split reduction, which adds
-    into the device's shared fp32 workspace (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split count and density bucket are the layout's
-    (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of
-    these sizes; the SM count is cached per device).
+    ``x`` (NHWC sizes ``x_nhwc`` = ``(B, H, W, C_in)``), ``dy`` (``dy_nhwc`` = ``(B, P, Q, C_out)``), memory as
+    in :func:`forward`; the rest is the layout's (see :class:`~blockdpr_kernels.BlockLayout`):
+    ``row_idx``/``col_idx`` of each packed block, the runs ``groups [n_groups, 2]`` and int32 ``counters
+    [n_groups]`` (zeros) for the split reduction, which adds into the device's shared fp32 workspace
+    (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split count and density bucket are the layout's
+    (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of these
+    sizes; the SM count is cached per device).
     """
-    (_, s), (bn, bk) = kernel_size, block
+    (_, h, w, c_in), (b, p, q, c_out) = x_nhwc, dy_nhwc
+    bn, bk = block
     nnz = row_idx.shape[0]
-    geo = _geometry(x.shape, dy.shape)
-    m = dy.shape[0] * geo["P"] * geo["Q"]
+    m = b * p * q
     dv = x.new_empty(nnz, bn, bk)
     if nnz == 0 or m == 0:
         return dv.zero_()
-    splits = min(wgrad_splits(groups.shape[0], x.device), triton.cdiv(m, _MIN_BLOCK_M))  # each split >= 1 M tile
+    n_groups = groups.shape[0]
+    splits = min(wgrad_splits(n_groups, x.device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
     workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
     with _on(x.device):
-        _wgrad_kernel[(groups.shape[0], splits)](x, dy, groups, row_idx, col_idx, dv, workspace, counters, m,
-                                                 **geo, DENSITY=density_bucket(nnz, geo["C_OUT"] // bn), S=s, STRIDE=stride, PAD=padding,
-                                                 BN=bn, BK=bk, PRECISION=_precision(x.dtype, allow_tf32))
+        _WGRAD.launch(lambda block_m: (n_groups, splits),
+                      (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
+                       _density(nnz, c_out // bn), kernel_size[1], stride, padding, bn, bk,
+                       _precision(x.dtype, allow_tf32)))
     return dv

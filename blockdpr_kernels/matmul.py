@@ -22,28 +22,31 @@ from . import conv
 _ONE = ((1, 1), 1, 0)  # kernel size, stride, padding of the equivalent conv
 
 
-def _pixels(t: torch.Tensor) -> torch.Tensor:
-    return t.view(t.shape[0], 1, 1, t.shape[1])
+def _tf32(t: torch.Tensor) -> bool:
+    """Whether TF32 is allowed for ``t``'s matmul (torch's flag is read only for fp32: it costs ~1 us)."""
+    return t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
 def forward(x, values, row_prefix, col_idx, bias, n_out: int) -> torch.Tensor:
     """``x [M, K]`` -> ``y [M, N]`` (dtype of x)."""
-    y = x.new_empty(x.shape[0], n_out)
-    conv.forward(_pixels(x), values, row_prefix, col_idx, bias, _pixels(y), *_ONE,
-                 torch.backends.cuda.matmul.allow_tf32)
+    m = x.shape[0]
+    y = x.new_empty(m, n_out)
+    conv.forward(x, values, row_prefix, col_idx, bias, y, (m, 1, 1, x.shape[1]), (m, 1, 1, n_out), *_ONE, _tf32(x))
     return y
 
 
 def grad_input(dy, values, col_ptr, col_row_idx, col_perm, k_in: int) -> torch.Tensor:
     """``dy [M, N]`` -> ``dx [M, K]`` = dy @ W."""
-    dx = dy.new_empty(dy.shape[0], k_in)
-    conv.grad_input(_pixels(dy), values, col_ptr, col_row_idx, col_perm, _pixels(dx), *_ONE,
-                    torch.backends.cuda.matmul.allow_tf32)
+    m = dy.shape[0]
+    dx = dy.new_empty(m, k_in)
+    conv.grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, (m, 1, 1, dy.shape[1]), (m, 1, 1, k_in), *_ONE,
+                    _tf32(dy))
     return dx
 
 
 def grad_weight(x, dy, row_idx, col_idx, groups, counters, block) -> torch.Tensor:
     """``x [M, K]``, ``dy [M, N]`` -> packed ``(dy^T @ x)`` at the active blocks, ``[nnz, bn, bk]``;
     the other arguments are the layout's weight-gradient metadata (see :func:`conv.grad_weight`)."""
-    return conv.grad_weight(_pixels(x), _pixels(dy), row_idx, col_idx, groups, counters, block, *_ONE,
-                            torch.backends.cuda.matmul.allow_tf32)
+    m = x.shape[0]
+    return conv.grad_weight(x, dy, row_idx, col_idx, groups, counters, block, (m, 1, 1, x.shape[1]),
+                            (m, 1, 1, dy.shape[1]), *_ONE, _tf32(x))

@@ -1,34 +1,37 @@
-"""Public ops: input validation, backend choice, torch.library custom ops and autograd.
+"""Public ops: input validation, backend choice, and the eager or compiled path.
 
-Every op is a ``torch.library`` custom op (namespace ``blockdpr_kernels``) with a fake
-(meta) implementation, so ``torch.compile`` traces models using them without graph
-breaks; the layout enters as index tensors, so a new layout with the same number of
-blocks re-uses the compiled graph and the compiled kernels. Backward passes are
-registered with ``torch.library.register_autograd`` (an autograd.Function under the
-hood) and call the gradient custom ops.
+Eager calls go straight to the ``torch.autograd.Function`` s of :mod:`.functions` (no dispatcher,
+no custom-op wrapping per call); under ``torch.compile`` (``torch.compiler.is_compiling()``) the
+same computation is the ``torch.library`` custom ops of :mod:`.library`, with fake implementations,
+so models using the ops trace without graph breaks, and a new layout with the same number of blocks
+re-uses the compiled graph and the compiled kernels.
 
 Backends: ``"triton"`` runs the kernels (CUDA tensors, or CPU tensors when
 ``TRITON_INTERPRET=1`` was set before import); ``"reference"`` runs plain torch;
 ``"auto"`` picks triton for CUDA tensors when triton is installed, else reference.
+
+Autograd: backward (once: double backward raises) and forward mode (``torch.func.jvp``,
+``torch.autograd.forward_ad``) in eager mode, in x, values and bias.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import functions, library
 from .layout import BlockLayout
 
 try:
-    from . import conv, matmul
+    from . import conv
     HAS_TRITON = True
 except ImportError:  # triton missing: reference only
-    conv = matmul = None
+    conv = None
     HAS_TRITON = False
 
-__all__ = ["block_sparse_linear", "block_sparse_conv2d", "LINEAR_BLOCKS", "CONV_BLOCKS", "BACKENDS"]
+__all__ = ["block_sparse_linear", "block_sparse_conv2d", "LINEAR_BLOCKS", "CONV_BLOCKS", "BACKENDS",
+           "BF16_INTERPRETER_REASON"]
 
 LINEAR_BLOCKS = (16, 32, 64, 128)
 CONV_BLOCKS = (16, 32, 64)
@@ -36,170 +39,8 @@ BACKENDS = ("auto", "triton", "reference")
 CONV_STRIDES = (1, 2)
 CONV_PADDINGS = (0, 1)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# ----------------------------------------------------------------------------- custom ops
-# A layout enters every op as one list of its tensors (see BlockLayout and _layout_tensors):
-#   idx = [row_ptr, col_idx, row_idx, col_ptr, col_row_idx, col_perm, wgrad_groups, wgrad_counters, row_prefix]
-# Tensors are data, so a new layout never recompiles a kernel, and their sizes are sizes to dynamo (dynamic
-# after a reallocation), where int attributes of a module would be guarded as constants: the two ints the
-# launchers need (the weight-gradient split count and the density bucket) are the layout's functions of
-# these sizes and the device, recomputed by the launchers in O(1) Python. Per call an op allocates its
-# output and launches its kernel; everything else was built with the layout.
-
-def _grid(idx: List[Tensor]):
-    return idx[0].shape[0] - 1, idx[3].shape[0] - 1
-
-
-def _bias_grad(dy: Tensor, dims) -> Tensor:
-    """One reduction; torch accumulates half-precision sums in fp32."""
-    return dy.sum(dims)
-
-
-@torch.library.custom_op("blockdpr_kernels::linear", mutates_args=())
-def _linear(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor],
-            backend: str) -> Tensor:
-    grid = _grid(idx)
-    if backend == "triton":
-        return matmul.forward(x, values, idx[8], idx[1], bias, grid[0] * values.shape[1])
-    return reference.linear(x, values, idx[2], idx[1], grid, bias)
-
-
-@_linear.register_fake
-def _(x, values, idx, bias, backend):
-    return x.new_empty(x.shape[0], _grid(idx)[0] * values.shape[1])
-
-
-@torch.library.custom_op("blockdpr_kernels::linear_grad_input", mutates_args=())
-def _linear_grad_input(dy: Tensor, values: Tensor, idx: List[Tensor], backend: str) -> Tensor:
-    grid = _grid(idx)
-    if backend == "triton":
-        return matmul.grad_input(dy, values, idx[3], idx[4], idx[5], grid[1] * values.shape[2])
-    return reference.linear_grad_input(dy, values, idx[2], idx[1], grid)
-
-
-@_linear_grad_input.register_fake
-def _(dy, values, idx, backend):
-    return dy.new_empty(dy.shape[0], _grid(idx)[1] * values.shape[2])
-
-
-@torch.library.custom_op("blockdpr_kernels::linear_grad_weight", mutates_args=())
-def _linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
-                        backend: str) -> Tensor:
-    block = tuple(values.shape[1:])
-    if backend == "triton":
-        return matmul.grad_weight(x, dy, idx[2], idx[1], *idx[6:8], block)
-    return reference.linear_grad_weight(x, dy, idx[2], idx[1], block)
-
-
-@_linear_grad_weight.register_fake
-def _(x, dy, values, idx, backend):
-    return torch.empty_like(values)
-
-
-def _linear_setup(ctx, inputs, output):
-    x, values, idx, bias, backend = inputs
-    ctx.save_for_backward(x, values, *idx)
-    ctx.backend = backend
-
-
-def _linear_backward(ctx, dy):
-    x, values, *idx = ctx.saved_tensors
-    dy = dy.contiguous()
-    need = ctx.needs_input_grad
-    dx = _linear_grad_input(dy, values, idx, ctx.backend) if need[0] else None
-    dv = _linear_grad_weight(x, dy, values, idx, ctx.backend) if need[1] else None
-    db = _bias_grad(dy, 0) if need[3] else None
-    return dx, dv, [None] * len(idx), db, None
-
-
-torch.library.register_autograd("blockdpr_kernels::linear", _linear_backward, setup_context=_linear_setup)
-
-
-def _conv_out_hw(h: int, w: int, kernel_size, stride: int, padding: int):
-    return (h + 2 * padding - kernel_size[0]) // stride + 1, (w + 2 * padding - kernel_size[1]) // stride + 1
-
-
-def _nhwc(t: Tensor) -> Tensor:
-    """The NHWC-contiguous view of a channels_last NCHW tensor."""
-    return t.permute(0, 2, 3, 1)
-
-
-def _empty_cl(shape, like: Tensor) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-
-
-@torch.library.custom_op("blockdpr_kernels::conv2d", mutates_args=())
-def _conv2d(x: Tensor, values: Tensor, idx: List[Tensor], bias: Optional[Tensor],
-            kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
-    if backend == "triton":
-        y = _conv2d_out(x, values, idx, kernel_size, stride, padding)
-        conv.forward(_nhwc(x), values, idx[8], idx[1], bias, _nhwc(y), kernel_size, stride, padding,
-                     torch.backends.cudnn.allow_tf32)
-        return y
-    return reference.conv2d(x, values, idx[2], idx[1], _grid(idx), kernel_size, stride, padding, bias)
-
-
-def _conv2d_out(x, values, idx, kernel_size, stride, padding):
-    """Empty channels_last output ``[B, C_out, P, Q]``."""
-    p, q = _conv_out_hw(x.shape[2], x.shape[3], kernel_size, stride, padding)
-    return _empty_cl((x.shape[0], _grid(idx)[0] * values.shape[1], p, q), x)
-
-
-@_conv2d.register_fake
-def _(x, values, idx, bias, kernel_size, stride, padding, backend):
-    return _conv2d_out(x, values, idx, kernel_size, stride, padding)
-
-
-@torch.library.custom_op("blockdpr_kernels::conv2d_grad_input", mutates_args=())
-def _conv2d_grad_input(dy: Tensor, values: Tensor, idx: List[Tensor], x_shape: List[int],
-                       kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
-    if backend == "triton":
-        dx = _empty_cl(x_shape, dy)
-        conv.grad_input(_nhwc(dy), values, idx[3], idx[4], idx[5], _nhwc(dx), kernel_size, stride,
-                        padding, torch.backends.cudnn.allow_tf32)
-        return dx
-    return reference.conv2d_grad_input(dy, values, idx[2], idx[1], _grid(idx), x_shape, kernel_size, stride,
-                                       padding)
-
-
-@_conv2d_grad_input.register_fake
-def _(dy, values, idx, x_shape, kernel_size, stride, padding, backend):
-    return _empty_cl(x_shape, dy)
-
-
-@torch.library.custom_op("blockdpr_kernels::conv2d_grad_weight", mutates_args=())
-def _conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
-                        kernel_size: List[int], stride: int, padding: int, backend: str) -> Tensor:
-    block = tuple(values.shape[1:])
-    if backend == "triton":
-        return conv.grad_weight(_nhwc(x), _nhwc(dy), idx[2], idx[1], *idx[6:8], block, kernel_size,
-                                stride, padding, torch.backends.cudnn.allow_tf32)
-    return reference.conv2d_grad_weight(x, dy, idx[2], idx[1], block, kernel_size, stride, padding)
-
-
-@_conv2d_grad_weight.register_fake
-def _(x, dy, values, idx, kernel_size, stride, padding, backend):
-    return torch.empty_like(values)
-
-
-def _conv2d_setup(ctx, inputs, output):
-    x, values, idx, bias, kernel_size, stride, padding, backend = inputs
-    ctx.save_for_backward(x, values, *idx)
-    ctx.geometry = (kernel_size, stride, padding, backend)
-
-
-def _conv2d_backward(ctx, dy):
-    x, values, *idx = ctx.saved_tensors
-    dy = dy.contiguous(memory_format=torch.channels_last)
-    need = ctx.needs_input_grad
-    dx = _conv2d_grad_input(dy, values, idx, list(x.shape), *ctx.geometry) if need[0] else None
-    dv = _conv2d_grad_weight(x, dy, values, idx, *ctx.geometry) if need[1] else None
-    db = _bias_grad(dy, (0, 2, 3)) if need[3] else None
-    return (dx, dv, [None] * len(idx), db) + (None,) * 4
-
-
-torch.library.register_autograd("blockdpr_kernels::conv2d", _conv2d_backward, setup_context=_conv2d_setup)
+BF16_INTERPRETER_REASON = ("the Triton interpreter does not support bf16 tl.dot (triton issue 11584: it multiplies "
+                           "raw bit patterns; fp16 and fp32 are right); bf16 runs on a real GPU")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -212,7 +53,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not HAS_TRITON:
             raise ValueError("backend: 'triton' requested but triton is not installed")
-        if device.type != "cuda" and not conv.INTERPRET:
+        if device.type != "cuda" and not conv.CPU_LAUNCH:
             raise ValueError(f"backend: 'triton' needs CUDA tensors (got {device}) unless "
                              "TRITON_INTERPRET=1 is set before blockdpr_kernels is imported")
     return backend
@@ -243,6 +84,9 @@ def _check_common(x, values, layout, bias, backend, blocks):
     dtypes = _KERNEL_DTYPES if backend == "triton" else _KERNEL_DTYPES + (torch.float64,)
     if x.dtype not in dtypes:
         raise TypeError(f"x: expected dtype in {[str(d) for d in dtypes]} for backend {backend!r}, got {x.dtype}")
+    if x.dtype == torch.bfloat16 and backend == "triton" and conv.INTERPRET:
+        raise TypeError(f"x: torch.bfloat16 with backend 'triton' under TRITON_INTERPRET=1 gives wrong results: "
+                        f"{BF16_INTERPRETER_REASON}; use float16 / float32 or backend='reference'")
     layout.check_values(values)
     if values.dtype != x.dtype:
         raise TypeError(f"values: expected dtype {x.dtype} (x's), got {values.dtype}")
@@ -265,10 +109,10 @@ def _check_common(x, values, layout, bias, backend, blocks):
     return backend, x, values, bias
 
 
-def _layout_tensors(layout: BlockLayout) -> List[Tensor]:
-    """The ``idx`` list the custom ops take (order: see the custom ops section)."""
-    return [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
-            layout.wgrad_groups, layout.wgrad_counters, layout.row_prefix]
+def _eager(plain, transformable):
+    """The autograd Function of the eager path: the ``setup_context`` style only while a ``torch.func``
+    transform is active (the check ``Function.apply`` itself makes), else the cheaper plain style."""
+    return transformable if torch._C._are_functorch_transforms_active() else plain
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
@@ -283,8 +127,9 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``[..., N]`` in ``x``'s dtype (fp32 accumulation). Differentiable in x, values, bias.
-        Under ``torch.autocast`` the inputs are first cast to the autocast dtype.
+        ``[..., N]`` in ``x``'s dtype (fp32 accumulation). Differentiable in x, values, bias (backward
+        once, and forward mode in eager mode). Under ``torch.autocast`` the inputs are first cast to
+        the autocast dtype.
     """
     backend, x, values, bias = _check_common(x, values, layout, bias, backend, LINEAR_BLOCKS)
     n, k = layout.shape
@@ -292,12 +137,19 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
         raise ValueError(f"x: expected last dim K = {k} (layout.shape[1]), got shape {list(x.shape)}")
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous tensor")
-    y = _linear(x.reshape(-1, k), values, _layout_tensors(layout), bias, backend)
-    return y.reshape(*x.shape[:-1], n)
+    idx = functions.layout_tensors(layout)
+    rows = x if x.dim() == 2 else x.reshape(-1, k)  # no view (and no view node in the backward) for [M, K]
+    if torch.compiler.is_compiling():
+        y = library.linear(rows, values, idx, bias, backend)
+    else:
+        y = _eager(functions.Linear, functions.LinearTransformable).apply(rows, values, bias, idx, backend)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _pair(v, name):
     """One int from an int or a pair of equal ints."""
+    if type(v) is int:  # the common case first: this runs per call
+        return v
     if isinstance(v, (tuple, list)):
         if len(v) != 2 or v[0] != v[1]:
             raise ValueError(f"{name}: expected an int or a pair of equal ints, got {v}")
@@ -307,20 +159,17 @@ def _pair(v, name):
     return v
 
 
-def _kernel_size(kernel_size, taps: int):
-    if kernel_size is None:
-        r = round(taps ** 0.5)
-        if r * r != taps:
-            raise ValueError(f"kernel_size: layout has {taps} taps, not a square kernel; pass kernel_size")
-        return [r, r]
+def _kernel_size(kernel_size):
+    if type(kernel_size) is int and kernel_size >= 1:  # the common case first: this runs per call
+        return [kernel_size, kernel_size]
     ks = [kernel_size] * 2 if isinstance(kernel_size, int) else list(kernel_size)
-    if len(ks) != 2 or not all(isinstance(k, int) and k >= 1 for k in ks):
+    if len(ks) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise ValueError(f"kernel_size: expected a positive int or pair of positive ints, got {kernel_size}")
     return ks
 
 
 def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
-                        stride=1, padding=0, dilation=1, groups: int = 1, *, kernel_size=None,
+                        stride=1, padding=0, dilation=1, groups: int = 1, *, kernel_size,
                         backend: str = "auto") -> Tensor:
     """Conv2d with a block-sparse weight, as implicit GEMM over NHWC (channels_last) input.
 
@@ -334,12 +183,14 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
         layout: :class:`BlockLayout` of ``W`` with shape ``(C_out, R*S*C_in)``.
         bias: optional ``[C_out]``.
         stride: 1 or 2. padding: 0 or 1. dilation: 1. groups: 1.
-        kernel_size: ``(R, S)`` or int; inferred for square kernels when None.
+        kernel_size: ``(R, S)`` or int, required: the layout only knows ``K = R*S*C_in``, which fits more
+            than one (kernel size, C_in) pair (K = 576 is 3x3 over 64 channels or 2x2 over 144).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``[B, C_out, P, Q]`` channels_last, ``P = (H + 2*padding - R) // stride + 1``.
-        Under ``torch.autocast`` the inputs are first cast to the autocast dtype.
+        ``[B, C_out, P, Q]`` channels_last, ``P = (H + 2*padding - R) // stride + 1``. Differentiable in x,
+        values, bias (backward once, and forward mode in eager mode). Under ``torch.autocast`` the
+        inputs are first cast to the autocast dtype.
     """
     backend, x, values, bias = _check_common(x, values, layout, bias, backend, CONV_BLOCKS)
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
@@ -358,17 +209,19 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     c_in = x.shape[1]
     if c_in % b_in:
         raise ValueError(f"x: expected C_in a multiple of the block size b_in = {b_in}, got C_in = {c_in}")
-    if k % c_in:
-        raise ValueError(f"x: C_in = {c_in} does not divide the layout's K = {k} (= R*S*C_in)")
-    ks = _kernel_size(kernel_size, k // c_in)
+    ks = _kernel_size(kernel_size)
     if ks[0] * ks[1] * c_in != k:
-        raise ValueError(f"layout: expected shape (C_out, R*S*C_in) = (*, {ks[0] * ks[1] * c_in}) for "
-                         f"kernel_size {ks} and C_in {c_in}, got {layout.shape}")
+        raise ValueError(f"x: C_in = {c_in} does not fit the layout: a {ks[0]}x{ks[1]} kernel over the layout's "
+                         f"K = R*S*C_in = {k} expects C_in = {k / (ks[0] * ks[1]):g} (layout shape {layout.shape})")
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("x: expected channels_last (NHWC) memory format; use "
                          "x.contiguous(memory_format=torch.channels_last)")
-    p, q = _conv_out_hw(x.shape[2], x.shape[3], ks, stride, padding)
+    p, q = functions.conv_out_hw(x.shape[2], x.shape[3], ks, stride, padding)
     if p < 1 or q < 1:
         raise ValueError(f"x: spatial size {list(x.shape[2:])} is smaller than kernel_size {ks} "
                          f"with padding {padding}")
-    return _conv2d(x, values, _layout_tensors(layout), bias, ks, stride, padding, backend)
+    idx = functions.layout_tensors(layout)
+    if torch.compiler.is_compiling():
+        return library.conv2d(x, values, idx, bias, ks, stride, padding, backend)
+    return _eager(functions.Conv2d, functions.Conv2dTransformable).apply(x, values, bias, idx, ks, stride, padding,
+                                                                         backend)

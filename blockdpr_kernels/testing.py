@@ -11,7 +11,9 @@ import dataclasses
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-__all__ = ["kernel_device", "kernels", "record_specializations", "record_autotune_keys", "record_work", "Work",
+from .ops import BF16_INTERPRETER_REASON
+
+__all__ = ["kernel_device", "kernels", "launchers", "record_specializations", "record_autotune_keys", "record_work", "Work",
            "SKIP_REASON", "BF16_SKIP_REASON"]
 
 
@@ -32,8 +34,7 @@ def kernel_device() -> torch.device | None:
 SKIP_REASON = ("no CUDA device and the Triton interpreter is off: set TRITON_INTERPRET=1 before "
                "triton is imported (tests/conftest.py does this)")
 
-BF16_SKIP_REASON = ("Triton interpreter does not support bf16 tl.dot (triton issue 11584: it multiplies raw "
-                    "bit patterns; fp16 and fp32 are right); bf16 runs on a real GPU")
+BF16_SKIP_REASON = BF16_INTERPRETER_REASON  # the ops refuse bf16 with backend="triton" under the interpreter
 
 
 def kernels() -> dict:
@@ -166,6 +167,13 @@ def _to_cpu(func, args, kwargs) -> bool:
     return args[0].device.type != "cpu" and torch.device(kwargs.get("device") or args[0].device).type == "cpu"
 
 
+def launchers() -> dict:
+    """The :class:`~blockdpr_kernels.launch.Launcher` of each kernel of :func:`kernels`, by name: every launch
+    of this package goes through one of them."""
+    from . import conv
+    return {"fwd": conv._FWD, "dgrad": conv._DGRAD, "wgrad": conv._WGRAD}
+
+
 @contextlib.contextmanager
 def record_work():
     """Count the torch ops and kernel launches inside the block (see :class:`Work`). Each kernel
@@ -173,13 +181,13 @@ def record_work():
     is not counted."""
     work = Work()
     patched = []
-    for name, tuner in kernels().items():
-        def run(*args, _name=name, _run=tuner.run, **kwargs):
+    for name, launcher in launchers().items():
+        def launch(*args, _name=name, _launch=launcher.launch, **kwargs):
             work.launches[_name] += 1
             with _disable_current_modes():
-                return _run(*args, **kwargs)
-        tuner.run = run  # kernel[grid](...) calls self.run: the instance attribute wins
-        patched.append(tuner)
+                return _launch(*args, **kwargs)
+        launcher.launch = launch  # the instance attribute wins over the method
+        patched.append(launcher)
     readers = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}  # read memory without an op
     for name, read in readers.items():
         def counted(self, *args, _name=name, _read=read, **kwargs):
@@ -192,5 +200,5 @@ def record_work():
     finally:
         for name, read in readers.items():
             setattr(torch.Tensor, name, read)
-        for tuner in patched:
-            del tuner.run
+        for launcher in patched:
+            del launcher.launch

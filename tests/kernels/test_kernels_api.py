@@ -61,9 +61,13 @@ CONV_BAD = [
      lambda x, v, L, b: dict(x=torch.randn(2, 24, 5, 5).contiguous(memory_format=CL),
                              layout=BlockLayout(torch.ones(2, 9 * 24 // 16 + 1, dtype=torch.bool)[:, :13], (16, 16)),
                              values=torch.randn(26, 16, 16))),
-    ("layout: expected shape", ValueError, lambda x, v, L, b: dict(kernel_size=1)),
-    ("kernel_size: layout has", ValueError,
-     lambda x, v, L, b: dict(layout=BlockLayout(torch.ones(2, 4, dtype=torch.bool), (16, 16)), values=torch.randn(8, 16, 16))),
+    ("x: C_in = 32 does not fit the layout: a 1x1 kernel", ValueError, lambda x, v, L, b: dict(kernel_size=1)),
+    ("x: C_in = 144 does not fit the layout: a 3x3 kernel .* expects C_in = 64", ValueError,  # not a 2x2 conv
+     lambda x, v, L, b: dict(x=torch.randn(2, 144, 5, 5).contiguous(memory_format=CL),
+                             layout=BlockLayout(torch.ones(1, 36, dtype=torch.bool), (16, 16)),
+                             values=torch.randn(36, 16, 16), bias=None)),
+    ("kernel_size: expected a positive int", ValueError, lambda x, v, L, b: dict(kernel_size=(3, 0))),
+    ("kernel_size: expected a positive int", ValueError, lambda x, v, L, b: dict(kernel_size=(3, 3, 3))),
     ("stride: expected one of", ValueError, lambda x, v, L, b: dict(stride=3)),
     ("stride: expected an int or a pair of equal", ValueError, lambda x, v, L, b: dict(stride=(1, 2))),
     ("padding: expected one of", ValueError, lambda x, v, L, b: dict(padding=2)),
@@ -85,10 +89,17 @@ CONV_BAD = [
 @pytest.mark.parametrize("match,exc,change", CONV_BAD, ids=[f"conv-{i}" for i in range(len(CONV_BAD))])
 def test_conv_bad_input(match, exc, change):
     x, v, layout, b = conv_case()
-    args = dict(x=x, values=v, layout=layout, bias=b, stride=1, padding=1, backend="reference")
+    args = dict(x=x, values=v, layout=layout, bias=b, stride=1, padding=1, kernel_size=3, backend="reference")
     args.update(change(x, v, layout, b))
     with pytest.raises(exc, match=match):
         block_sparse_conv2d(**args)
+
+
+def test_conv_kernel_size_is_required():
+    """The layout's K = R*S*C_in does not say R*S (576 is 3x3 over 64 channels or 2x2 over 144)."""
+    x, v, layout, b = conv_case()
+    with pytest.raises(TypeError, match="kernel_size"):
+        block_sparse_conv2d(x, v, layout, b, padding=1)
 
 
 @needs_kernels
@@ -101,7 +112,7 @@ def test_triton_rejects_fp64():
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     if not ops.HAS_TRITON:
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(ops.conv, "INTERPRET", False)
+    monkeypatch.setattr(ops.conv, "CPU_LAUNCH", False)
     x, v, layout, b = linear_case()
     with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
         block_sparse_linear(x, v, layout, backend="triton")
@@ -132,7 +143,7 @@ def test_compile_no_graph_break_and_no_recompile_on_new_layout():
 
     @torch.compile(backend=counter, fullgraph=True)
     def model(x, lin_values, lin_layout, conv_values, conv_layout):
-        h = block_sparse_conv2d(x, conv_values, conv_layout, stride=2, padding=1)
+        h = block_sparse_conv2d(x, conv_values, conv_layout, stride=2, padding=1, kernel_size=3)
         h = h.mean(dim=(2, 3))
         return block_sparse_linear(torch.relu(h), lin_values, lin_layout).square().sum()
 
@@ -146,7 +157,7 @@ def test_compile_no_graph_break_and_no_recompile_on_new_layout():
         loss.backward()
         # compare with eager
         cv2, lv2 = cv.detach().clone().requires_grad_(), lv.detach().clone().requires_grad_()
-        h = block_sparse_conv2d(x, cv2, conv_layout, stride=2, padding=1).mean(dim=(2, 3))
+        h = block_sparse_conv2d(x, cv2, conv_layout, stride=2, padding=1, kernel_size=3).mean(dim=(2, 3))
         ref = block_sparse_linear(torch.relu(h), lv2, lin_layout).square().sum()
         ref.backward()
         torch.testing.assert_close(loss, ref)
@@ -162,7 +173,7 @@ def _launch_all(layout_lin, layout_conv, dtype):
     block_sparse_linear(x, v, layout_lin, backend="triton").sum().backward()
     xc = torch.randn(1, 16, 4, 4, device=DEVICE, dtype=dtype).contiguous(memory_format=CL).requires_grad_()
     vc = torch.randn(layout_conv.nnz, 16, 16, device=DEVICE, dtype=dtype, requires_grad=True)
-    block_sparse_conv2d(xc, vc, layout_conv, padding=1, backend="triton").sum().backward()
+    block_sparse_conv2d(xc, vc, layout_conv, padding=1, kernel_size=3, backend="triton").sum().backward()
 
 
 @needs_kernels
@@ -207,7 +218,7 @@ def test_autocast_casts_inputs_like_dense_ops():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = block_sparse_linear(x, v, layout, b)
         xc, vc, clayout, bc = conv_case()
-        yc = block_sparse_conv2d(xc, vc, clayout, bc, padding=1)
+        yc = block_sparse_conv2d(xc, vc, clayout, bc, padding=1, kernel_size=3)
     assert y.dtype == torch.bfloat16 and yc.dtype == torch.bfloat16
     y.float().sum().backward()
     assert v.grad.dtype == torch.float32

@@ -115,7 +115,7 @@ def test_conv_gradcheck_reference_fp64():
     v = torch.randn(layout.nnz, 16, 16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, v, b: block_sparse_conv2d(x, v, layout, b, stride=2, padding=1, backend="reference"),
+        lambda x, v, b: block_sparse_conv2d(x, v, layout, b, stride=2, padding=1, kernel_size=3, backend="reference"),
         (x, v, b), fast_mode=True)
 
 
@@ -125,5 +125,5 @@ def test_conv_auto_on_cpu_matches_dense():
     v = torch.randn(layout.nnz, 16, 16)
     dense = layout.unpack(v).reshape(32, 3, 3, 16).permute(0, 3, 1, 2)
     x = torch.randn(2, 16, 6, 5).contiguous(memory_format=CL)
-    torch.testing.assert_close(block_sparse_conv2d(x, v, layout, stride=2, padding=1),
+    torch.testing.assert_close(block_sparse_conv2d(x, v, layout, stride=2, padding=1, kernel_size=3),
                                torch.nn.functional.conv2d(x, dense, stride=2, padding=1))

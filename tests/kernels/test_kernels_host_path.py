@@ -1,6 +1,7 @@
-"""Per-call host path: one fwd+bwd dispatches only its kernels and output allocations (the layout
-holds every piece of launch metadata), the split weight gradient leaves its workspace clean, and the
-autotune key tells layouts of different density apart."""
+"""Per-call host path: one eager fwd+bwd dispatches only its output allocations and launches its
+kernels (no custom-op dispatch: the layout holds every piece of launch metadata), the traced path
+is the custom ops, the split weight gradient leaves its workspace clean, and the autotune key tells
+layouts of different density apart."""
 import collections
 
 import pytest
@@ -35,10 +36,8 @@ def test_conv_fwd_bwd_is_three_launches_and_the_output_allocations(with_bias):
     bias = _leaf(32) if with_bias else None
     dy = torch.randn(2, 32, 5, 5, device=DEVICE).contiguous(memory_format=CL)
     with record_work() as work:
-        block_sparse_conv2d(x, v, layout, bias, padding=1, backend="triton").backward(dy)
-    expected = collections.Counter({
-        "blockdpr_kernels.conv2d": 1, "blockdpr_kernels.conv2d_grad_input": 1,
-        "blockdpr_kernels.conv2d_grad_weight": 1,
+        block_sparse_conv2d(x, v, layout, bias, padding=1, kernel_size=3, backend="triton").backward(dy)
+    expected = collections.Counter({  # eager: no blockdpr_kernels custom op is dispatched
         "aten.empty": 2,      # y and dx (channels_last)
         "aten.new_empty": 1,  # dvalues
     })
@@ -56,11 +55,53 @@ def test_linear_fwd_bwd_is_three_launches_and_the_output_allocations():
     dy = torch.randn(7, 32, device=DEVICE)
     with record_work() as work:
         block_sparse_linear(x, v, layout, backend="triton").backward(dy)
-    assert work.ops == collections.Counter({
-        "blockdpr_kernels.linear": 1, "blockdpr_kernels.linear_grad_input": 1,
-        "blockdpr_kernels.linear_grad_weight": 1, "aten.new_empty": 3})  # y, dx, dvalues
+    assert work.ops == collections.Counter({"aten.new_empty": 3})  # y, dx, dvalues; no custom op
     assert work.launches == LAUNCHES
     assert not work.syncs
+
+
+@needs_kernels
+@pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False)])
+def test_backward_launches_only_the_gradients_asked_for(needs):
+    layout = _layout((2, 3), 0.7, 1)
+    x = torch.randn(7, 48, device=DEVICE, requires_grad=needs[0])
+    v = torch.randn(layout.nnz, 16, 16, device=DEVICE, requires_grad=needs[1])
+    dy = torch.randn(7, 32, device=DEVICE)
+    with record_work() as work:
+        block_sparse_linear(x, v, layout, backend="triton").backward(dy)
+    assert work.launches == collections.Counter({"fwd": 1, "dgrad": int(needs[0]), "wgrad": int(needs[1])})
+    assert work.ops == collections.Counter({"aten.new_empty": 1 + sum(needs)})
+
+
+@needs_kernels
+def test_traced_path_is_the_custom_ops():
+    """Under torch.compile the ops are the blockdpr_kernels custom ops (what dynamo and AOT autograd see:
+    forward and gradient ops in their graphs), with the eager path's results."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return gm
+        return compiler
+
+    torch._dynamo.reset()
+    layout = _layout((2, 3), 0.7, 1)
+    x, v = _leaf(7, 48), _leaf(layout.nnz, 16, 16)
+    dy = torch.randn(7, 32, device=DEVICE)
+    step = torch.compile(lambda x, v: block_sparse_linear(x, v, layout, backend="triton"),
+                         backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), fullgraph=True)
+    y = step(x, v)
+    y.backward(dy)
+    assert "blockdpr_kernels.linear.default" in graphs["forward"]
+    assert {"blockdpr_kernels.linear_grad_input.default", "blockdpr_kernels.linear_grad_weight.default"} <= graphs["backward"]
+    x2, v2 = (t.detach().clone().requires_grad_() for t in (x, v))
+    y2 = block_sparse_linear(x2, v2, layout, backend="triton")
+    y2.backward(dy)
+    torch.testing.assert_close((y, x.grad, v.grad), (y2, x2.grad, v2.grad))
+    torch._dynamo.reset()
 
 
 @needs_kernels
