@@ -24,6 +24,9 @@ import torch
 
 from blockdpr_kernels import CONV_BLOCKS
 
+from .sparsity.distribution import DISTRIBUTIONS
+from .sparsity.rules import RULES
+
 
 MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
 # The compressed baseline's fine-tuning schedule (DSR paper): 48 epochs, lr 0 / 0.02 / 0.004 / 0.0008.
@@ -32,7 +35,8 @@ GMP_LR_SCHEDULE = ((0, 0.0), (1, 0.02), (25, 0.004), (35, 0.0008))
 PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
 # Settings that may differ between the trials trained together in one process (mode: any but gmp,
 # whose pruning schedule belongs to the process, so gmp trials train with gmp trials only).
-PER_TRIAL = ("seed", "out", "mode", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch")
+PER_TRIAL = ("seed", "out", "mode", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch", "rule", "alpha",
+             "t_end_epoch", "distribution")
 # Settings of a process, not of the run: a resumed run may change them.
 PROCESS_SETTINGS = ("out", "resume", "overwrite", "device", "compile", "channels_last", "cuda_graph", "no_progress",
                     "progress_seconds", "checkpoint_every", "checkpoint_minutes", "snapshot_epochs", "stop_after",
@@ -101,6 +105,10 @@ class RunConfig:
     realloc_periods: Schedule = PAPER_REALLOC_PERIODS
     dpr_stop_epoch: int = 190
     keep_momentum: bool = False
+    rule: str = "dsr"  # dsr (the paper's), set or rigl: blockdpr/sparsity/rules.py
+    alpha: float = 0.3  # set / rigl: drop fraction per update
+    t_end_epoch: int | None = None  # rigl: last update (and the cosine's horizon); None: 75% of the epochs
+    distribution: str = "uniform"  # initial density per layer: uniform or erk
     gmp_steps: int = 20
     gmp_interval: int = 2
 
@@ -159,6 +167,17 @@ class RunConfig:
             e.append(f"--block-size {self.block_size} has no meaning in element mode (add --granularity block)")
         if self.granularity == "block" and self.keep_momentum:
             e.append("--keep-momentum has no meaning in block mode: a pruned block's state is dropped with it")
+        need(self.rule in RULES, "rule", f"one of {RULES}", self.rule)
+        need(finite(self.alpha) and 0 < self.alpha <= 1, "alpha", "in (0, 1]", self.alpha)
+        need(self.t_end_epoch is None or self.t_end_epoch > 0, "t-end-epoch", "positive", self.t_end_epoch)
+        need(self.distribution in DISTRIBUTIONS, "distribution", f"one of {DISTRIBUTIONS}", self.distribution)
+        if self.rule != "dsr" and self.mode != "dpr":
+            e.append(f"--rule {self.rule} reallocates: it needs --mode dpr (the structure of --mode {self.mode} is fixed)")
+        if self.rule == "rigl" and self.granularity == "block":
+            e.append("--rule rigl in block mode is not in the training CLI yet (blockdpr.DPR has it: its dense "
+                     "gradient capture hooks the layers of a plain model, not the stacked trials' model)")
+        if self.rule == "rigl" and self.cuda_graph:
+            e.append("--rule rigl reads the gradient of its update steps outside the captured step: drop --cuda-graph")
         if self.mode in ("reinit", "orig-init") and self.structure_from is None:
             e.append(f"--mode {self.mode} needs --structure-from DIR (a finished --mode dpr run)")
         if self.mode == "gmp" and self.dense_from is None:
@@ -283,7 +302,9 @@ def default_out(config: RunConfig) -> Path:
     if config.mode == "dense":
         return Path("runs") / f"dense-seed{config.seed}"
     unit = "element" if config.granularity == "element" else f"block{config.block_size}"
-    return Path("runs") / f"{config.mode}-{unit}-s{config.sparsity}-seed{config.seed}"
+    mode = config.mode if config.rule == "dsr" else f"{config.mode}-{config.rule}"
+    mode += "-erk" if config.distribution == "erk" else ""
+    return Path("runs") / f"{mode}-{unit}-s{config.sparsity}-seed{config.seed}"
 
 
 def value_at(schedule: Schedule, epoch: int) -> float:

@@ -68,6 +68,7 @@ class Engine:
         for dpr, ckpt in zip(self.dprs, checkpoints or []):  # structure first: block mode's packed parameters take its shapes
             if dpr is not None:
                 dpr.load_state_dict({"masks": ckpt["masks"], "reallocator": ckpt["reallocator"], "seed": dpr.seed,
+                                     "rule": dpr.rule,  # the config's (resume checks it against config.json)
                                      "steps": ckpt["progress"]["global_step"]})
         self.optimizer = sgd(model.parameters(), value_at(cfg.lr_schedule, 0), cfg.momentum, cfg.weight_decay)
         if cfg.compile and cfg.granularity == "block":
@@ -94,8 +95,16 @@ class Engine:
             structure, None, dynamic=c.mode == "dpr", period=EpochSchedule(self.steps_per_epoch, c.realloc_periods),
             stop_step=c.dpr_stop_epoch * self.steps_per_epoch, target_pruned=c.target_pruned, tolerance=c.tolerance,
             initial_threshold=c.initial_threshold, seed=c.seed, keep_momentum=c.keep_momentum, dense_layers=dense_layers,
-            optimizer_state=lambda: trial_optimizer(self.model, self.optimizer, self.views[t], t))
+            optimizer_state=lambda: trial_optimizer(self.model, self.optimizer, self.views[t], t),
+            rule=c.rule, alpha=c.alpha, t_end=self._t_end(c))
         return dpr, dense_layers
+
+    def _t_end(self, c: RunConfig) -> int | None:
+        """RigL's t_end in steps: --t-end-epoch, by default 75% of the run (RigL's choice)."""
+        if c.rule != "rigl":
+            return None
+        epochs = c.t_end_epoch if c.t_end_epoch is not None else max(1, round(0.75 * c.epochs))
+        return epochs * self.steps_per_epoch
 
     def _load(self, ckpts: list[dict]) -> None:
         where = {(c["progress"]["epoch"], c["progress"]["step_in_epoch"], c["progress"]["global_step"]) for c in ckpts}
@@ -141,6 +150,7 @@ class Engine:
         idx = self.orders[:, step * bs:(step + 1) * bs]  # [T, B]; every rank draws the whole batch, trains on its share
         generators = [seeded_generator(self.device, c.seed, self.global_step) for c in self.configs]
         x = data_lib.augment_trials(data.train_images[idx], generators)  # [B, T * 3, 32, 32]
+        self.step_fn.score_gradients = [dpr for dpr in self.dprs if dpr is not None and dpr.needs_gradients_next()]
         self.step_fn(dist.shard(x), dist.shard(data.train_labels[idx].T))
         self.global_step += 1
         due = [t for t, dpr in enumerate(self.dprs) if dpr is not None and dpr.advance()]
@@ -154,7 +164,7 @@ class Engine:
         """One DPR reallocation of each trial in `due`, all at once (outside the captured step; one
         host sync for all of them)."""
         dprs = [self.dprs[t] for t in due]
-        results = DPR.reallocate_all(dprs)
+        results = DPR.reallocate_all(dprs, [self.step_fn.gradient_scores.get(id(d)) for d in dprs])
         if self.cfg.granularity == "block":
             self.invalidate_graphs()  # new packed parameters
         if self.dist.enabled:

@@ -16,6 +16,7 @@ from .source_runs import finished_run_file
 from .runinfo import atomic_write
 from .sparsity import ElementSparsity, SparseStructure
 from .sparsity.blocks import block_grid
+from .sparsity.distribution import densities
 from .sparsity.packed import to_block_sparse
 
 # --mode reinit draws its new initial values with seed + REINIT_SEED_OFFSET, so that they differ
@@ -70,9 +71,12 @@ def build_sparsity(config: RunConfig, params: dict[str, torch.Tensor], model: to
             block = (config.block_size, config.block_size)
             masks = {n: torch.ones(block_grid(p.shape, block), dtype=torch.bool) for n, p in params.items()
                      if block_grid(p.shape, block) is not None}
-        return to_block_sparse(model, list(params), config.block_size, config.sparsity, config.seed, masks)
+        return to_block_sparse(model, list(params), config.block_size, config.sparsity, config.seed, masks,
+                               config.distribution if masks is None else "uniform")
     if config.mode in ("dpr", "static"):
-        return ElementSparsity.random(params, config.sparsity, config.seed), []
+        shares = None if config.distribution == "uniform" else densities(
+            config.distribution, [tuple(p.shape) for p in params.values()], config.sparsity)
+        return ElementSparsity.random(params, config.sparsity, config.seed, densities=shares), []
     sparsity = ElementSparsity(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
     if masks is not None:
         sparsity.load_state_dict(masks)

@@ -98,6 +98,10 @@ class TrainStep:
         self.loss_sum = torch.zeros(model.trials, dtype=torch.float64, device=device)
         self.correct = torch.zeros(model.trials, dtype=torch.int64, device=device)
         self.call = StaticCall(self.compute, static, graph)
+        # RigL: the DPR objects whose next update reads this step's gradient magnitudes (set by the
+        # engine before the step; eager or static buffers only), and what the step read for them
+        self.score_gradients: list[DPR] = []
+        self.gradient_scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One step on the trials' batches: x float [B, T * 3, 32, 32] (trial t in channels 3t..3t+2, as
@@ -115,6 +119,7 @@ class TrainStep:
         losses.sum().backward()
         self.dist.average_gradients_(list(self.model.parameters()))
         link_grads(self.model, self.views)
+        self.gradient_scores = {id(dpr): dpr.gradient_scores() for dpr in self.score_gradients}  # before masking
         for dpr in self.dprs:
             dpr.mask_gradients()
         self.optimizer.step()

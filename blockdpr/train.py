@@ -39,6 +39,8 @@ from .loop import Diverged, Trainer
 from .run_dir import holds_run, run_dir_errors, saved_config
 from .signals import Stopped
 from .source_runs import structure_sparsity
+from .sparsity.distribution import DISTRIBUTIONS
+from .sparsity.rules import RULES
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -142,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dpr-stop-epoch", type=int, default=d.dpr_stop_epoch, help="freeze the structure after this many epochs")
     g.add_argument("--keep-momentum", action="store_true",
                    help="keep stale optimizer state for regrown weights (as the DSR authors' code did); default zero")
+    g.add_argument("--rule", choices=RULES, default=d.rule,
+                   help="how a reallocation moves units: dsr (the paper's global threshold), set (per layer: drop "
+                        "the smallest --alpha of the active, grow as many at random) or rigl (as set, grow by "
+                        "gradient magnitude, --alpha decayed by a cosine until --t-end-epoch); every period of "
+                        "--realloc-periods until --dpr-stop-epoch")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="set / rigl: fraction of a layer's active units dropped per update")
+    g.add_argument("--t-end-epoch", type=int, default=None,
+                   help="rigl: its last update, and the end of its cosine (default: 75%% of --epochs)")
+    g.add_argument("--distribution", choices=DISTRIBUTIONS, default=d.distribution,
+                   help="initial density per layer: uniform (the paper's) or erk (Erdos-Renyi-Kernel)")
     g.add_argument("--gmp-steps", type=int, default=d.gmp_steps, help="gmp: number of prunings")
     g.add_argument("--gmp-interval", type=int, default=d.gmp_interval, help="gmp: epochs between prunings")
     return p

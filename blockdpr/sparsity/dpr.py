@@ -183,7 +183,7 @@ class DPR:
         """Instead of optimizer.step(): mask gradients, step, re-mask weights, reallocate when due
         (returns what the reallocation did, or None). RigL reads the gradient magnitudes of the
         step that ends with an update before they are masked."""
-        grads = self.gradient_scores() if self._needs_gradients(self.steps + 1) else None
+        grads = self.gradient_scores() if self.needs_gradients_next() else None
         self.mask_gradients()
         self.optimizer.step()
         self.mask_weights()
@@ -191,13 +191,15 @@ class DPR:
         self._open_capture_if_due()
         return result
 
-    def _needs_gradients(self, steps: int) -> bool:
-        return self.drop_and_grow is not None and self.drop_and_grow.needs_gradients and self._due(steps)
+    def needs_gradients_next(self) -> bool:
+        """Whether the next optimizer step ends with a RigL update, which needs that step's gradient
+        magnitudes (gradient_scores) after backward and before mask_gradients."""
+        return self.drop_and_grow is not None and self.drop_and_grow.needs_gradients and self._due(self.steps + 1)
 
     def _open_capture_if_due(self) -> None:
         """Block-mode RigL: hook the sparse layers for the next step's forward and backward when it
         ends with an update (the packed gradient has the active blocks only)."""
-        if isinstance(self.structure, BlockSparsity) and self._capture is None and self._needs_gradients(self.steps + 1):
+        if isinstance(self.structure, BlockSparsity) and self._capture is None and self.needs_gradients_next():
             self._capture = DenseGradCapture(dict(zip(self.structure.names, self.structure.layers))).__enter__()
 
     def gradient_scores(self) -> torch.Tensor:
