@@ -66,3 +66,16 @@ def test_bad_rule_flags_are_named(tmp_path, tiny_cifar, capsys, flags, message):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_trials_of_different_rules_train_in_one_process_as_they_would_alone(tmp_path, tiny_cifar, float64):
+    from blockdpr.train import parse_configs, train_trials
+    flags = [*TINY, "--data", str(tiny_cifar), "--train-subset", "60", "--test-subset", "20", "--epochs", "2",
+             "--realloc-periods", "0:1", "--target-pruned", "300"]
+    own = [["--seed", "0"], ["--seed", "1", "--rule", "set"], ["--seed", "2", "--rule", "rigl", "--distribution", "erk"]]
+    trials = [parse_configs([*flags, *f, "--out", str(tmp_path / f"group{i}")])[0] for i, f in enumerate(own)]
+    train_trials(trials)
+    for i, f in enumerate(own):
+        main([*flags, *f, "--out", str(tmp_path / f"alone{i}")])
+        assert metric_rows(tmp_path / f"alone{i}")[-1]["weights_moved"] > 0
+        assert_runs_match(tmp_path / f"group{i}", tmp_path / f"alone{i}")
