@@ -8,10 +8,11 @@ results/figure1-short/. A preset only sets defaults: every flag given on the com
 
 - `apply_preset(parser, argv)`: sets the defaults of the preset named by `--preset NAME` in argv.
 - `predict_seconds(runs, images_per_second)`: training time of a plan at a throughput.
-- `measure_throughput(opts)`: aggregate training images/s of this machine, timed on the real
-  training step (blockdpr.loop.Trainer) of the plan's first process (its trials stacked);
-  `cached_throughput(opts)` keeps it in <root>/throughput.json, keyed by device and step settings,
-  so a second dry run is instant. `prediction_text(runs, opts)` is what the dry run prints.
+- `measure(opts, trials)`: what one process of `trials` stacked runs of the plan costs on this
+  machine (set-up, training step, reallocation, evaluation per test image), timed on the real
+  trainer (blockdpr.loop.Trainer) at the plan's batch size, writing nothing that stays;
+  `prediction(runs, opts)`: the plan's time from those, process by process as reproduce starts
+  them; `prediction_text(runs, opts)` is what the dry run prints.
 - `write_report(rows, out_dir)`: figure1-short.md (table, Figure 1a, published values, orderings).
 """
 
@@ -19,36 +20,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from . import matrix, results
 from .config import group_settings
-from .runinfo import atomic_write_json, atomic_write_text, device_info, git_info
+from .runinfo import atomic_write_text, device_info
 from .setup import resolve_device
 
 PRESETS: dict[str, dict] = {
     "figure1-short": dict(sparsities=[0.9], trials=3, first_seed=0, epochs=30, gmp_epochs=8,
                           conditions=["dpr", "reinit", "orig-init", "static", "dense", "gmp"],
                           root=Path("runs") / "figure1-short"),
+    "figure1-cpu": dict(sparsities=[0.9], trials=3, first_seed=0, epochs=12, depth=10, width=1, train_subset=10_000,
+                        test_subset=None, device="cpu", conditions=["dpr", "reinit", "orig-init", "static", "dense"],
+                        root=Path("runs") / "figure1-cpu"),
 }
 CIFAR10_TRAIN_IMAGES, CIFAR10_TEST_IMAGES = 50_000, 10_000
 TARGET_IMAGES_PER_SECOND = 100_000  # issue 15: aggregate over stacked trials on one H200
-BUDGET_SECONDS = 9 * 60  # issue 15: the short Figure 1a within one 10-minute GPU command
 # The paper's ordering in Figure 1a (highest accuracy first); each neighbouring pair is checked.
 ORDERING = ("dpr", "orig-init", "reinit", "static")
 SHORT_NAMES = {"dpr": "DPR", "orig-init": "orig-init", "reinit": "reinit", "static": "static"}
-# Steps timed by measure_throughput (after warm-up ones), and the per-trial batch on a CPU, where a
-# WRN-28-2 step at batch 100 takes seconds.
-TIMED_STEPS = {"cuda": (20, 100), "cpu": (1, 2)}  # device type -> (warm-up steps, timed steps)
-CPU_BATCH = 4
+# Steps timed by `measure` (after warm-up ones) and test images evaluated: enough for a stable mean.
+TIMED_STEPS = {"cuda": (20, 100), "cpu": (2, 8)}  # device type -> (warm-up steps, timed steps)
+EVAL_IMAGES = 1000
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -100,32 +100,28 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds < 2 * 86400 else f"{seconds / 86400:.1f} days"
 
 
-# ---- measured throughput --------------------------------------------------------------------
-def _timed_trials(opts: argparse.Namespace, trials: int | None) -> list[matrix.Run]:
-    """The runs whose step is timed: the plan's first process as reproduce packs it from new runs (those
-    sharing the first run's group settings; for the preset DPR, static and dense: 9 trials), at most
-    `trials` of them."""
+# ---- measured time -------------------------------------------------------------------------
+def _timed_runs(opts: argparse.Namespace, trials: int) -> list[matrix.Run]:
+    """`trials` runs of the plan's first process as reproduce packs it (runs without dependencies
+    that share the first one's group settings), repeated if the plan has fewer."""
     free = [r for r in matrix.plan(opts) if not r.depends]
     if not free:
         raise ValueError("the plan has no run without dependencies to time")
     first = group_settings(matrix.trial_config(free[0], opts))
-    together = [r for r in free if group_settings(matrix.trial_config(r, opts)) == first]
-    return together[:min(opts.trials_per_process, trials or opts.trials_per_process)]
+    together = sorted((r for r in free if group_settings(matrix.trial_config(r, opts)) == first),
+                      key=lambda r: r.condition != "dpr")  # DPR first: it also reallocates
+    return [dataclasses.replace(together[i % len(together)], seed=i) for i in range(trials)]
 
 
-def _step_configs(opts: argparse.Namespace, runs: list[matrix.Run], tmp: Path, images: int, batch: int):
-    """The runs' validated RunConfigs (as reproduce builds them), in `tmp`, on `images` training images."""
+def _step_configs(opts: argparse.Namespace, runs: list[matrix.Run], tmp: Path, images: int, test_images: int):
+    """The runs' validated RunConfigs as reproduce builds them (batch size included), in `tmp`, on
+    `images` training and `test_images` test images."""
     configs = []
     for run in runs:
-        config = matrix.trial_config(dataclasses.replace(run, out=tmp / run.out.name), opts)
-        configs.append(dataclasses.replace(config, batch_size=batch, train_subset=images, test_subset=batch,
+        config = matrix.trial_config(dataclasses.replace(run, out=tmp / f"{run.out.name}-{run.seed}"), opts)
+        configs.append(dataclasses.replace(config, train_subset=images, test_subset=test_images,
                                            no_progress=True, snapshot_epochs=()).check())
     return configs
-
-
-def timed_batch(opts: argparse.Namespace) -> int:
-    """The per-trial batch of the timed steps: --batch-size, at most CPU_BATCH on a CPU."""
-    return opts.batch_size if resolve_device(opts.device).type != "cpu" else min(opts.batch_size, CPU_BATCH)
 
 
 def device_name(opts: argparse.Namespace) -> str:
@@ -134,51 +130,55 @@ def device_name(opts: argparse.Namespace) -> str:
     return info["gpu_name"] or f"CPU {info['cpu']} x{info['cpu_count']}"
 
 
-def throughput_key(opts: argparse.Namespace, trials: int, batch: int) -> str:
-    """What a measurement depends on: device, model, trials x batch, precision, step options, and the
-    code (git commit, torch version): a new commit is measured again."""
-    o = opts.train_overrides
-    options = [name for name in ("compile", "cuda_graph", "channels_last")
-               if o.get(name, getattr(opts, name, False))]
-    precision = "bf16" if o.get("amp", opts.amp) else "fp32"
-    commit = (git_info()["commit"] or "no git")[:12]
-    return (f"{device_name(opts)} | WRN-{opts.depth}-{opts.width} | {trials} trials x batch {batch} | {precision}"
-            + "".join(f" | {name}" for name in options) + f" | {commit} | torch {torch.__version__}")
-
-
-def measure_throughput(opts: argparse.Namespace, trials: int | None = None, steps: int | None = None,
-                       warmup: int | None = None) -> dict:
-    """Aggregate training images/s of the plan's first process (its trials stacked), on opts.device.
+def measure(opts: argparse.Namespace, trials: int, steps: int | None = None, warmup: int | None = None) -> dict:
+    """Seconds that one process of `trials` stacked runs of the plan takes, measured on opts.device.
 
     Builds the real trainer (blockdpr.loop.Trainer: data, stacked model, sparsity, optimizer) for
-    up to `trials` of the plan's first process's runs in a temporary directory, runs `warmup` steps, then
-    times `steps` steps (defaults: TIMED_STEPS by device type). On a CPU the per-trial batch is at
-    most CPU_BATCH. Training steps only: no reallocation falls in so few steps, no evaluation.
-    Returns {"images_per_second", "trials", "batch_size", "steps", "seconds", "device", "key",
-    "measured_utc"}."""
-    from .loop import Trainer  # the training loop is only needed to measure
+    `trials` of the plan's first process's runs, at the plan's batch size, in a temporary directory
+    (deleted; its console output is silenced): `setup` is that construction (data loading
+    included), `step` the mean of `steps` training steps after `warmup` (defaults: TIMED_STEPS by
+    device type), `reallocation` one reallocation of its DPR trials (0 without), `eval_image` the
+    evaluation's seconds per test image of all trials. Returns those with "trials", "batch_size",
+    "steps" and "device"."""
+    from . import loop  # the training loop is only needed to measure
 
     device = resolve_device(opts.device)
-    runs = _timed_trials(opts, trials)
     default_warmup, default_steps = TIMED_STEPS.get(device.type, TIMED_STEPS["cuda"])
     warmup = default_warmup if warmup is None else warmup
     steps = default_steps if steps is None else steps
-    batch = timed_batch(opts)
-    with tempfile.TemporaryDirectory(prefix="blockdpr-throughput-") as tmp:
-        trainer = Trainer(_step_configs(opts, runs, Path(tmp), batch * (warmup + steps), batch))
-        trainer.start_epoch(0)
-        for step in range(warmup):
-            trainer.step(0, step)
-        _synchronize(device)
-        started = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            trainer.step(0, step)
-        _synchronize(device)
-        seconds = time.perf_counter() - started
-    return {"images_per_second": len(runs) * batch * steps / seconds, "trials": len(runs), "batch_size": batch,
-            "steps": steps, "seconds": seconds, "device": device_name(opts),
-            "key": throughput_key(opts, len(runs), batch),
-            "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    runs = _timed_runs(opts, trials)
+    batch = matrix.train_setting(opts, "batch_size")
+    test_images = min(opts.test_subset or CIFAR10_TEST_IMAGES, EVAL_IMAGES)
+    quiet = loop.console.quiet
+    with tempfile.TemporaryDirectory(prefix="blockdpr-measure-") as tmp:
+        try:
+            loop.console.quiet = True
+            started = time.perf_counter()
+            trainer = loop.Trainer(_step_configs(opts, runs, Path(tmp), batch * (warmup + steps), test_images))
+            setup = time.perf_counter() - started
+            trainer.start_epoch(0)
+            for step in range(warmup):
+                trainer.step(0, step)
+            _synchronize(device)
+            started = time.perf_counter()
+            for step in range(warmup, warmup + steps):
+                trainer.step(0, step)
+            _synchronize(device)
+            step_seconds = (time.perf_counter() - started) / steps
+            dpr = [t for t, trial in enumerate(trainer.trials) if trial.reallocator is not None]
+            started = time.perf_counter()
+            if dpr:
+                trainer.reallocate(dpr)
+                _synchronize(device)
+            realloc_seconds = time.perf_counter() - started
+            trainer.evaluation()  # warm-up (and capture)
+            started = time.perf_counter()
+            trainer.evaluation()
+            eval_image = (time.perf_counter() - started) / test_images
+        finally:
+            loop.console.quiet = quiet
+    return {"setup": setup, "step": step_seconds, "reallocation": realloc_seconds, "eval_image": eval_image,
+            "trials": trials, "batch_size": batch, "steps": steps, "device": device_name(opts)}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -186,47 +186,46 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cached_throughput(opts: argparse.Namespace, trials: int | None = None) -> tuple[dict, bool]:
-    """(measurement, whether it came from the cache): <root>/throughput.json holds one measurement
-    per throughput_key; a missing one is measured (measure_throughput) and added."""
-    path = opts.root / "throughput.json"
-    runs = _timed_trials(opts, trials)
-    key = throughput_key(opts, len(runs), timed_batch(opts))
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # a garbled cache is measured again and rewritten
-        cache = {}
-    if key in cache:
-        return cache[key], True
-    results.console.print(f"measuring this machine's training throughput ({key}) ...", highlight=False)
-    measured = measure_throughput(opts, trials)
-    atomic_write_json(path, {**cache, key: measured})
-    return measured, False
+def process_seconds(measured: dict, epochs: int, opts: argparse.Namespace) -> float:
+    """Predicted seconds of one process that trains `epochs` epochs of measured["trials"] runs
+    (with the most reallocations any sparsity's DPR plans)."""
+    per_epoch = (matrix.iterations_per_epoch(opts) * measured["step"]
+                 + (opts.test_subset or CIFAR10_TEST_IMAGES) * measured["eval_image"])
+    reallocations = max((r.reallocations for r in opts.reallocation.values()), default=0) * epochs / opts.epochs
+    return measured["setup"] + epochs * per_epoch + reallocations * measured["reallocation"]
+
+
+def prediction(runs: list[matrix.Run], opts: argparse.Namespace) -> tuple[float, list[dict]]:
+    """(predicted seconds of the plan's unfinished runs, the measurements): the processes as
+    reproduce will start them (matrix.jobs, wave by wave), each timed by a measurement of its
+    number of trials."""
+    waves = [[r for r in runs if not r.depends and r.status() != "done"],
+             [r for r in runs if r.depends and r.status() != "done"]]
+    processes = [job for wave in waves for job in matrix.jobs(wave, opts.trials_per_process, opts)]
+    measured = {T: measure(opts, T) for T in sorted({len(job) for job in processes})}
+    seconds = sum(process_seconds(measured[len(job)], max(matrix.run_epochs(r) for r in job), opts) for job in processes)
+    return seconds, list(measured.values())
 
 
 def prediction_text(runs: list[matrix.Run], opts: argparse.Namespace) -> str:
-    """What the dry run prints: training images left, and the time at the target throughput and at
-    this machine's measured one."""
+    """What the dry run prints: training images left, the predicted time on this machine and what it
+    was measured on."""
     per_epoch = opts.train_subset or CIFAR10_TRAIN_IMAGES
     images = plan_images(runs, per_epoch)
-    run_epochs = images // per_epoch
     if not images:
         return "training images to do: none (every planned run is finished)"
+    seconds, measured = prediction(runs, opts)
+    lines = [f"training images to do: {images:,} ({images // per_epoch:,} run-epochs x {per_epoch:,})",
+             f"predicted time on this machine: {duration(seconds)} (training, evaluation of "
+             f"{opts.test_subset or CIFAR10_TEST_IMAGES:,} test images an epoch, process set-up), measured now on "
+             f"{measured[0]['device']} at batch {measured[0]['batch_size']}:"]
+    for m in measured:
+        lines.append(f"  {m['trials']} trial(s) a process: {m['trials'] * m['batch_size'] / m['step']:,.0f} training img/s "
+                     f"({m['steps']} steps), {m['trials'] / m['eval_image']:,.0f} test img/s, set-up {m['setup']:.1f} s")
     target = predict_seconds(runs, TARGET_IMAGES_PER_SECOND, per_epoch)
-    measured, cached = cached_throughput(opts)
-    ips = measured["images_per_second"]
-    rate = f"{ips:,.0f}" if ips >= 100 else f"{ips:.3g}"
-    return "\n".join([
-        f"training images to do: {images:,} ({run_epochs:,} run-epochs x {per_epoch:,})",
-        f"predicted training time at the target {TARGET_IMAGES_PER_SECOND:,} img/s aggregate: {duration(target)} "
-        f"({'within' if target <= BUDGET_SECONDS else 'over'} the {BUDGET_SECONDS // 60}-minute budget)",
-        f"predicted training time on this machine: {duration(images / ips)} at {rate} img/s "
-        f"aggregate, measured {'earlier (cached in ' + str(opts.root / 'throughput.json') + ')' if cached else 'now'} "
-        f"on {measured['device']}: {measured['trials']} stacked trials x batch {measured['batch_size']}, "
-        f"{measured['steps']} training steps",
-        f"(training steps only: the evaluation of {run_epochs * (opts.test_subset or CIFAR10_TEST_IMAGES):,} test "
-        "images (forward only), reallocations and process start-ups are not counted)",
-    ])
+    lines.append(f"on one H200 at the {TARGET_IMAGES_PER_SECOND:,} img/s aggregate of issue 15 the training would take "
+                 f"{duration(target)}")
+    return "\n".join(lines)
 
 
 # ---- the report -----------------------------------------------------------------------------

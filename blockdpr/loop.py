@@ -371,6 +371,9 @@ class Trainer:
             "final_test_acc": metrics[-1]["test_acc"], "best_test_acc": max(m["test_acc"] for m in metrics),
             "final_train_loss": metrics[-1]["train_loss"],
             "nonzero_sparse_weights": sum(sparsity.nonzero_counts()) if sparsity is not None else None,
+            # DPR's amount of reallocation, in units (weights, or blocks in block mode)
+            "active_units": int(sparsity.flat_mask().sum()) if sparsity is not None else None,
+            "reallocations": sum(m["reallocations"] for m in metrics), "units_moved": sum(m["weights_moved"] for m in metrics),
             "train_seconds": sum(m["seconds"] for m in metrics),
             "wall_seconds_this_process": time.perf_counter() - self.started,
             "data": self.data.description, "run_dir": str(out),

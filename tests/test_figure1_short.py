@@ -7,8 +7,7 @@ import pytest
 
 from blockdpr import figure1_short as preset
 from blockdpr import matrix, reproduce, results
-from blockdpr.figure1_short import (PRESETS, cached_throughput, compare, orderings, plan_images,
-                                    predict_seconds, prediction_text, throughput_key, timed_batch, write_report)
+from blockdpr.figure1_short import PRESETS, compare, orderings, plan_images, predict_seconds, prediction_text, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONDITIONS = {"dpr", "reinit", "orig-init", "static", "dense", "gmp"}
@@ -52,7 +51,8 @@ def test_runs_on_one_schedule_train_together_whatever_their_condition(parse, tmp
 def test_explicit_flags_override_the_preset(parse, tmp_path, capsys):
     opts = parse(["--preset", "figure1-short", "--trials", "2", "--epochs", "10", "--root", str(tmp_path / "r")])
     assert (opts.trials, opts.epochs, opts.gmp_epochs, opts.sparsities) == (2, 10, 8, [0.9])
-    assert opts.results == Path("results/r")
+    assert opts.results == tmp_path / "r", "another root: not the tracked results/"
+    assert parse(["--preset", "figure1-short"]).results == Path("results/figure1-short")
     assert len(matrix.plan(opts)) == len(CONDITIONS) * 2
     assert parse(["--trials", "2"]).sparsities == [0.9, 0.8], "no preset: the paper's defaults"
     with pytest.raises(SystemExit):
@@ -60,11 +60,10 @@ def test_explicit_flags_override_the_preset(parse, tmp_path, capsys):
     assert "figure1-short" in capsys.readouterr().err
 
 
-def test_image_count_is_the_sum_over_the_plan_and_fits_the_budget(parse):
+def test_image_count_is_the_sum_over_the_plan(parse):
     runs = matrix.plan(parse(["--preset", "figure1-short"]))
     images = plan_images(runs)
     assert images == sum(r.settings["epochs"] for r in runs) * 50_000
-    assert predict_seconds(runs, preset.TARGET_IMAGES_PER_SECOND) <= preset.BUDGET_SECONDS
     assert plan_images(runs[:1], images_per_epoch=600) == runs[0].settings["epochs"] * 600
 
 
@@ -76,49 +75,36 @@ def test_predicted_time_scales_with_throughput(parse):
         predict_seconds(runs, 0)
 
 
-def test_throughput_is_measured_once_then_read_from_the_cache(parse, tmp_path, tiny_cifar, monkeypatch):
-    argv = ["--preset", "figure1-short", "--root", str(tmp_path / "runs"), "--data", str(tiny_cifar),
-            "--depth", "10", "--width", "1", "--device", "cpu"]
-    opts = parse(argv)
-    first, cached = cached_throughput(opts)
-    assert not cached and first["images_per_second"] > 0
-    assert first["trials"] == 9, "the preset's first process: DPR, static and dense, 3 trials each"
-    assert first["batch_size"] == timed_batch(opts) == preset.CPU_BATCH
-    assert first["images_per_second"] == pytest.approx(9 * first["batch_size"] * first["steps"] / first["seconds"])
-
-    def must_not_measure(*args, **kwargs):
-        raise AssertionError("measured again although cached")
-    monkeypatch.setattr(preset, "measure_throughput", must_not_measure)
-    again, cached = cached_throughput(opts)
-    assert cached and again == first
-    stored = json.loads((opts.root / "throughput.json").read_text())
-    assert list(stored) == [throughput_key(opts, 9, preset.CPU_BATCH)]
-    (opts.root / "throughput.json").write_text("{garbled")  # a torn cache is measured again
-    monkeypatch.setattr(preset, "measure_throughput", lambda opts, trials=None: {**first, "images_per_second": 1.0})
-    assert cached_throughput(opts) == ({**first, "images_per_second": 1.0}, False)
-    # other step settings are another measurement
-    assert throughput_key(parse([*argv, "--amp"]), 9, preset.CPU_BATCH) != list(stored)[0]
+def test_measure_times_the_plans_process_at_its_batch_and_writes_nothing(parse, tmp_path, tiny_cifar, capsys):
+    opts = parse(["--preset", "figure1-cpu", "--root", str(tmp_path / "runs"), "--data", str(tiny_cifar),
+                  "--batch-size", "10", "--trials-per-process", "2"])
+    m = preset.measure(opts, 2, steps=2, warmup=1)
+    assert (m["trials"], m["batch_size"], m["steps"]) == (2, 10, 2), "what the plan runs, not a stand-in batch"
+    assert m["step"] > 0 and m["eval_image"] > 0 and m["setup"] > 0
+    assert m["reallocation"] > 0, "the first process holds DPR runs: one reallocation is timed"
+    assert not (tmp_path / "runs").exists()
+    assert "run directory" not in capsys.readouterr().err
 
 
-def test_dry_run_text_predicts_from_the_measured_throughput(parse, tmp_path):
-    opts = parse(["--preset", "figure1-short", "--root", str(tmp_path), "--device", "cpu"])
+def test_prediction_sums_the_processes_as_reproduce_starts_them(parse, monkeypatch):
+    opts = parse(["--preset", "figure1-cpu", "--trials-per-process", "3"])
     runs = matrix.plan(opts)
-    key = throughput_key(opts, 9, timed_batch(opts))
-    measured = {"images_per_second": 2_000.0, "trials": 9, "batch_size": 8, "steps": 2, "seconds": 0.024,
-                "device": "test CPU", "key": key, "measured_utc": "2026-11-28T00:00:00+00:00"}
-    (tmp_path / "throughput.json").write_text(json.dumps({key: measured}))
-    text = prediction_text(runs, opts)
-    images = plan_images(runs)
-    assert f"training images to do: {images:,}" in text
-    assert f"{predict_seconds(runs, 2_000) / 3600:.1f} h at 2,000 img/s" in text
-    assert "test CPU" in text and "cached" in text and "within the 9-minute budget" in text
-    assert f"evaluation of {sum(r.settings['epochs'] for r in runs) * 10_000:,} test images" in text
-    for run in runs:  # all finished: nothing to predict, nothing measured
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "summary.json").write_text("{}")
-    (tmp_path / "throughput.json").unlink()
+    fake = {"setup": 2.0, "step": 0.1, "reallocation": 0.5, "eval_image": 0.001, "batch_size": 100, "steps": 8,
+            "device": "test CPU"}
+    measured = []
+    monkeypatch.setattr(preset, "measure", lambda opts, T: measured.append(T) or {**fake, "trials": T})
+    seconds, _ = preset.prediction(runs, opts)
+    assert measured == [3], "5 conditions x 3 seeds: 5 processes of 3 (dense+dpr+static stack, then reinit+orig-init)"
+    realloc = opts.reallocation[0.9].reallocations
+    per_process = 2.0 + 12 * (100 * 0.1 + 10_000 * 0.001) + realloc * 0.5
+    assert seconds == pytest.approx(5 * per_process)
+    text = preset.prediction_text(runs, opts)
+    assert f"predicted time on this machine: {preset.duration(seconds)}" in text and "test CPU" in text
+    assert "3 trial(s) a process: 3,000 training img/s" in text
+    for run in runs:
+        run.out = Path("/nonexistent-finished")  # not used: every run finished
+    monkeypatch.setattr(matrix.Run, "status", lambda self: "done")
     assert prediction_text(runs, opts) == "training images to do: none (every planned run is finished)"
-    assert not (tmp_path / "throughput.json").exists()
 
 
 def row(condition, mean, std, n, sparsity=0.9, schedule=30):

@@ -31,7 +31,7 @@ def test_schedule_is_the_paper_at_200_epochs_and_scaled_below():
 
     short = Schedule.scaled_from_paper(30)
     assert short.milestones == (9, 18, 24)
-    assert short.realloc_periods == "0:100,4:200,12:400,21:800"
+    assert short.realloc_periods == "0:39,4:77,12:155,21:310", "periods x sqrt(30 x 500 / 100,000)"
     assert short.dpr_stop == 29
     assert short.stop_epochs == (2, 3, 6, 9, 12, 15, 18, 21, 24, 27)
     assert short.gmp_epochs == 48, "gmp keeps its own schedule unless --gmp-epochs"
@@ -107,6 +107,7 @@ def test_end_to_end_tiny_matrix_skips_and_resumes(tmp_path, tiny_cifar, monkeypa
     argv = ["--data", str(tiny_cifar), "--depth", "10", "--width", "1", "--batch-size", "20", "--train-subset", "60",
             "--test-subset", "20", "--device", "cpu", "--no-progress", "--epochs", "2", "--gmp-epochs", "2",
             "--trials", "2", "--sparsities", "0.9", "--stop-epochs", "100", "--root", str(root), "--results", str(results),
+            "--trials-per-process", "10",
             "--train-args", "--realloc-periods 0:1 --target-pruned 300"]
     calls = []
     real = reproduce.train_lib.train_trials
@@ -190,10 +191,12 @@ def test_help_and_dry_run_from_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "--aggregate-only" in out.stdout and "--trials-per-process" in out.stdout
     out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--dry-run", "--epochs", "30", "--trials", "1",
-                          "--depth", "10", "--width", "1", "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
+                          "--depth", "10", "--width", "1", "--batch-size", "10", "--device", "cpu", "--root",
+                          str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "plan: 31 runs" in out.stderr and "predicted training time on this machine" in out.stderr
-    assert [p.name for p in (tmp_path / "r").iterdir()] == ["throughput.json"], "a dry run trains nothing"
+    assert "plan: 31 runs" in out.stderr and "predicted time on this machine" in out.stderr
+    assert "run directory:" not in out.stderr, "the measurement's temporary runs are not shown"
+    assert not (tmp_path / "r").exists(), "a dry run writes nothing"
 
 
 def test_a_forked_stop_run_equals_one_trained_from_scratch(tmp_path, tiny_cifar, float64):
