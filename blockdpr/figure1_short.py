@@ -13,14 +13,15 @@ results/figure1-short/. A preset only sets defaults: every flag given on the com
   trainer (blockdpr.loop.Trainer) at the plan's batch size, writing nothing that stays;
   `prediction(runs, opts)`: the plan's time from those, process by process as reproduce starts
   them; `prediction_text(runs, opts)` is what the dry run prints.
-- `write_report(rows, out_dir)`: figure1-short.md (table, Figure 1a, published values, orderings).
+- `write_report(rows, out_dir, preset, roots)`: figure1.md (tables, every run, orderings, where the
+  numbers came from), figure1.csv and the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import json
 import sys
 import tempfile
 import time
@@ -230,53 +231,91 @@ def prediction_text(runs: list[matrix.Run], opts: argparse.Namespace) -> str:
 
 # ---- the report -----------------------------------------------------------------------------
 def compare(a: dict | None, b: dict | None, name_a: str, name_b: str) -> str:
-    """'A > B: yes (+0.42 points, 2 SE = 0.30, n=3 each)' for two aggregate rows (mean, std, n).
-
-    yes: the difference of means exceeds twice its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b);
-    no (reversed): it is below minus that; otherwise not resolved at this n."""
+    """'A > B: yes (93.10 +- 0.20 vs 92.50 +- 0.10, +0.60 points, n=3 each)' for two aggregate rows
+    (mean, std, n), checked against their spread: yes when the intervals mean +- std are apart with
+    A above, no (reversed) when apart with B above, otherwise not resolved at this scale."""
     head = f"{name_a} > {name_b}:"
     missing = [name for name, row in ((name_a, a), (name_b, b)) if row is None]
     if missing:
         return f"{head} not measured (no finished {' or '.join(missing)} run)"
     diff = a["mean"] - b["mean"]
     n = f"n={a['n']} each" if a["n"] == b["n"] else f"n={a['n']} and {b['n']}"
+    values = f"{results.fmt(a['mean'], a['std'])} vs {results.fmt(b['mean'], b['std'])}, {diff:+.2f} points, {n}"
     if a["std"] is None or b["std"] is None:
-        return f"{head} not resolved ({diff:+.2f} points, {n}: one trial gives no spread)"
-    two_se = 2 * math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    verdict = "yes" if diff > two_se else "no (reversed)" if diff < -two_se else "not resolved"
-    return f"{head} {verdict} ({diff:+.2f} points, 2 SE = {two_se:.2f}, {n})"
+        return f"{head} not resolved ({values}: one trial gives no spread)"
+    if a["mean"] - a["std"] > b["mean"] + b["std"]:
+        verdict = "yes"
+    elif b["mean"] - b["std"] > a["mean"] + a["std"]:
+        verdict = "no (reversed)"
+    else:
+        verdict = "not resolved at this scale (the mean +- std intervals overlap)"
+    return f"{head} {verdict} ({values})"
 
 
-def orderings(rows: list[dict], sparsity: float, schedule: int) -> list[str]:
-    """Each neighbouring pair of ORDERING compared (`compare`) at one sparsity and schedule."""
-    by_condition = {r["condition"]: r for r in rows if r["sparsity"] == sparsity and r["schedule"] == schedule}
+def orderings(rows: list[dict], sparsity: float) -> list[str]:
+    """Each neighbouring pair of ORDERING compared (`compare`) at one sparsity, rows of one setting."""
+    by_condition = {r["condition"]: r for r in rows if r["sparsity"] == sparsity}
     return [compare(by_condition.get(a), by_condition.get(b), SHORT_NAMES[a], SHORT_NAMES[b])
             for a, b in zip(ORDERING, ORDERING[1:])]
 
 
-def write_report(rows: list[dict], out_dir: Path) -> Path:
-    """figure1.md / .csv and figure1a.png (results.write_table, write_figures), and figure1-short.md
-    assembling them with the published values and the orderings. rows: results.aggregate's."""
-    _, table = results.write_table(rows, out_dir)
+def sessions(roots: list[Path]) -> tuple[str | None, float, bool]:
+    """(the last command, the wall seconds of every finished command, whether one is unfinished)
+    from the roots' sessions.jsonl (written by reproduce for each command that trains)."""
+    command, seconds, open_starts = None, 0.0, 0
+    for root in roots:
+        path = root / "sessions.jsonl"
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            record = json.loads(line)
+            command = record["command"]
+            if record["event"] == "start":
+                open_starts += 1
+            else:
+                open_starts -= 1
+                seconds += record.get("seconds", 0.0)
+    return command, seconds, open_starts > 0
+
+
+def _values(rows: list[dict], key: str, form: str = "{}") -> str:
+    """The distinct values of one provenance field over `rows`, joined ('?' if none recorded)."""
+    return ", ".join(sorted({form.format(m) for r in rows for m in r["provenance"][key]})) or "?"
+
+
+def write_report(rows: list[dict], out_dir: Path, preset: str, roots: list[Path]) -> Path:
+    """figure1.csv, the figures (results.write_figures) and figure1.md: per setting the table, the
+    DPR runs' reallocation, every run, the orderings DPR > orig-init > reinit > static checked
+    against their spread, and where the numbers came from (model, epochs, images, data, device,
+    torch, commit, wall time, command from sessions.jsonl). rows: results.aggregate's, with
+    "provenance" (results.provenance_sets)."""
+    results.write_table(rows, out_dir)
     results.write_figures(rows, out_dir)
-    schedules = sorted({r["schedule"] for r in rows})
-    data = ", ".join(sorted({d for r in rows for d in r["data"]}))
-    lines = [f"# Figure 1a, short schedule: {data}", "",
-             "Made by `python -m blockdpr.reproduce --preset figure1-short` (runs in `runs/figure1-short/`); "
-             "the same command continues an interrupted matrix and rewrites this page.", "",
-             "## Test accuracy (%)", "", table.read_text().rstrip(), "",
-             f"Ours: {', '.join(map(str, schedules))}-epoch schedule on {data}. "
-             "Published: the DSR paper's (Mostafa & Wang) numbers, 200 epochs on lossless CIFAR-10, mean +- std of "
-             "5 runs. The absolute values are therefore not comparable; compare our conditions with each other "
-             "and with our own dense run.", "",
-             "![Figure 1a](figure1a.png)", "",
-             "## Orderings (the paper: DPR > orig-init > reinit > static)", ""]
-    for schedule in schedules:
-        for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] is not None and r["schedule"] == schedule},
-                               reverse=True):
-            lines.append(f"Sparsity {sparsity}, {schedule} epochs:")
-            lines += [""] + [f"- {text}" for text in orderings(rows, sparsity, schedule)] + [""]
-    lines.append("A comparison holds (yes) when the difference of the mean accuracies exceeds twice its standard "
-                 "error, sqrt(s_a^2 / n_a + s_b^2 / n_b); no (reversed) when it is below minus that; otherwise the "
-                 "difference is not resolved by this many trials.")
-    return atomic_write_text(out_dir / "figure1-short.md", "\n".join(lines) + "\n")
+    command, seconds, running = sessions(roots)
+    groups = results.settings(rows)
+    lines = [f"# Figure 1a at a reduced scale (`--preset {preset}`)", "",
+             "Every number below was produced by the command it names; the paper's 200-epoch WRN-28-2 values appear "
+             "only in their own, labelled column.", ""]
+    for group in groups:
+        title = results.setting_title(group)
+        first = group[0]
+        lines += [f"## {title}", "",
+                  f"- model {first['model']}, {first['schedule']} epochs, {first['train_images'] or '?':,} training "
+                  f"images, {_values(group, 'test_images', '{:,}')} test images, data {', '.join(sorted({d for r in group for d in r['data']}))}",
+                  f"- device: {_values(group, 'device')}; torch {_values(group, 'torch')}; commit {_values(group, 'commit')}",
+                  f"- command: `{command or 'python -m blockdpr.reproduce --preset ' + preset}`",
+                  f"- wall time: {duration(seconds) if seconds else 'not recorded'}"
+                  + (" (a command is still running or was killed)" if running else ""), "",
+                  "### Test accuracy (%)", "", *results.markdown_table(group), "", *results.table_notes(group), ""]
+        dynamic = [r for r in group if r["condition"] == "dpr"]
+        for r in dynamic:
+            moved = "" if r["moved_fraction"] is None else f", moving {r['moved_fraction']:.2f}x its active units in total"
+            lines += [f"DPR at sparsity {r['sparsity']} made {r['reallocations']:.0f} reallocations per run on average"
+                      f"{moved} (issue 24 asks for >= 40 and >= 1x).", ""]
+        lines += ["### Every run", "", *results.per_run_table(group), "",
+                  "### Orderings (the paper: DPR > orig-init > reinit > static)", ""]
+        for sparsity in sorted({r["sparsity"] for r in group if r["sparsity"] is not None}, reverse=True):
+            lines += [f"Sparsity {sparsity}:", ""] + [f"- {text}" for text in orderings(group, sparsity)] + [""]
+        lines += ["A comparison holds (yes) when the intervals mean +- std (sample std over trials) of the two "
+                  "conditions are apart; otherwise it is not resolved at this scale.", ""]
+    figure = "figure1a.png" if len(groups) == 1 else "figure1a-*.png"
+    lines += [f"![Figure 1a]({figure})", ""]
+    return atomic_write_text(out_dir / "figure1.md", "\n".join(lines))

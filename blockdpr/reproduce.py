@@ -45,7 +45,7 @@ from .cli import HelpFormatter, add_list_argument, escape
 from .config import ConfigError, RunConfig
 from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, iterations_per_epoch,
                      jobs, plan, reallocation_schedule, run_epochs, shared_settings, trial_config)
-from .results import console, report
+from .results import ReportError, console, report
 from .run_dir import saved_config
 from .setup import resolve_device
 from .runinfo import atomic_write, atomic_write_json, atomic_write_text
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     for signal N)."""
     try:
         return run_main(argv)
-    except (ConfigError, CheckpointError, train_lib.DataError, OSError) as e:
+    except (ConfigError, CheckpointError, train_lib.DataError, ReportError, OSError) as e:
         raise train_lib.error_exit(e.errors if isinstance(e, ConfigError) else [str(e)], 2) from None
     except train_lib.Diverged as e:
         raise train_lib.error_exit([f"training diverged: {e}"], 1) from None
@@ -390,9 +390,10 @@ def run_main(argv: list[str] | None = None) -> int:
         benchmark(opts)
         return 0
     if opts.aggregate_only is not None:
-        rows = report(opts.aggregate_only or [opts.root], opts.results)
+        roots = opts.aggregate_only or [opts.root]
+        rows = report(roots, opts.results)
         if opts.preset:
-            presets.write_report(rows, opts.results)
+            presets.write_report(rows, opts.results, opts.preset, roots)
         return 0
     print_schedule(opts)
     complete = execute(opts)
@@ -401,7 +402,7 @@ def run_main(argv: list[str] | None = None) -> int:
     if any(opts.root.rglob("summary.json")):
         rows = report([opts.root], opts.results)
         if opts.preset:
-            presets.write_report(rows, opts.results)
+            presets.write_report(rows, opts.results, opts.preset, [opts.root])
     if not complete:
         console.print("[yellow]not every run is finished[/yellow]: run the same command again to continue")
         return 3

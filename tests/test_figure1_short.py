@@ -111,49 +111,94 @@ def row(condition, mean, std, n, sparsity=0.9, schedule=30):
     return {"condition": condition, "sparsity": sparsity, "schedule": schedule, "mean": mean, "std": std, "n": n}
 
 
-def test_orderings_say_whether_each_comparison_holds():
+def test_orderings_are_checked_against_the_spread():
     assert compare(row("dpr", 93.0, 0.1, 3), row("orig-init", 92.5, 0.1, 3), "DPR", "orig-init") == \
-        "DPR > orig-init: yes (+0.50 points, 2 SE = 0.16, n=3 each)"
+        "DPR > orig-init: yes (93.00 +- 0.10 vs 92.50 +- 0.10, +0.50 points, n=3 each)"
     assert compare(row("dpr", 92.6, 0.5, 3), row("orig-init", 92.5, 0.5, 3), "DPR", "orig-init").startswith(
-        "DPR > orig-init: not resolved (+0.10 points")
+        "DPR > orig-init: not resolved at this scale (the mean +- std intervals overlap) (92.60 +- 0.50 vs")
+    assert compare(row("dpr", 93.0, 0.3, 3), row("orig-init", 92.5, 0.3, 3), "DPR", "orig-init").startswith(
+        "DPR > orig-init: not resolved at this scale"), "apart by less than the two stds"
     assert compare(row("reinit", 91.0, 0.1, 3), row("static", 92.0, 0.1, 2), "reinit", "static") == \
-        "reinit > static: no (reversed) (-1.00 points, 2 SE = 0.18, n=3 and 2)"
+        "reinit > static: no (reversed) (91.00 +- 0.10 vs 92.00 +- 0.10, -1.00 points, n=3 and 2)"
     assert "one trial gives no spread" in compare(row("dpr", 93.0, None, 1), row("static", 92.0, 0.1, 3), "DPR", "static")
     rows = [row("dpr", 93.0, 0.1, 3), row("orig-init", 92.0, 0.1, 3), row("static", 91.0, 0.1, 3),
             row("reinit", 80.0, 0.1, 3, sparsity=0.8)]
-    lines = orderings(rows, 0.9, 30)
+    lines = orderings(rows, 0.9)
     assert [line.split(":")[0] for line in lines] == ["DPR > orig-init", "orig-init > reinit", "reinit > static"]
     assert lines[0].startswith("DPR > orig-init: yes")
     assert lines[1] == "orig-init > reinit: not measured (no finished reinit run)"
 
 
-def fake_run(root: Path, name: str, **summary) -> Path:
+def fake_run(root: Path, name: str, depth=10, width=1, train_images=10_000, **summary) -> Path:
+    """A finished run directory: summary.json and the config.json fields the report reads."""
     d = root / name
     d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"seed": 0, "epochs": 30, "data": "CIFAR-10 (JPEG q75)", **summary}))
+    (d / "summary.json").write_text(json.dumps({"seed": 0, "epochs": 12, "data": "CIFAR-10 (JPEG q75)", "depth": depth,
+                                                "width": width, "granularity": "element", **summary}))
+    (d / "config.json").write_text(json.dumps({
+        "dataset": {"train_images": train_images, "test_images": 10_000}, "device_name": "test CPU",
+        "provenance": {"versions": {"torch": "2.13.0"}, "git": {"commit": "0123456789abcdef"}}}))
     return d
 
 
-def test_report_writes_the_table_figure_published_values_and_orderings(tmp_path):
-    root = tmp_path / "runs"
-    accuracy = {"dpr": 0.92, "orig-init": 0.915, "reinit": 0.91, "static": 0.90, "gmp": 0.925}
+def fake_matrix(root: Path, reallocations: int = 41, **setting) -> None:
+    accuracy = {"dpr": 0.62, "orig-init": 0.615, "reinit": 0.61, "static": 0.60}
     for seed in range(3):
         for mode, acc in accuracy.items():
-            extra = {"dpr_stop_epoch": 29} if mode == "dpr" else {}
+            extra = {"dpr_stop_epoch": setting.get("epochs", 12) - 1, "reallocations": reallocations, "units_moved": 5_000 * reallocations // 41,
+                     "active_units": 7_370} if mode == "dpr" else {}
             fake_run(root, f"{mode}-s0.9-seed{seed}", mode=mode, sparsity=0.9, seed=seed,
-                     final_test_acc=acc + 0.001 * seed, **extra)
-        fake_run(root, f"dense-seed{seed}", mode="dense", sparsity=0.0, seed=seed, final_test_acc=0.94)
+                     final_test_acc=acc + 0.001 * seed, **extra, **setting)
+        fake_run(root, f"dense-seed{seed}", mode="dense", sparsity=0.0, seed=seed, final_test_acc=0.66, **setting)
+
+
+def test_report_says_what_ran_every_run_the_reallocation_and_the_orderings(tmp_path):
+    root = tmp_path / "runs"
+    fake_matrix(root)
+    (root / "sessions.jsonl").write_text(
+        json.dumps({"event": "start", "utc": "a", "command": "python -m blockdpr.reproduce --preset figure1-cpu"}) + "\n"
+        + json.dumps({"event": "end", "utc": "b", "command": "python -m blockdpr.reproduce --preset figure1-cpu",
+                      "seconds": 2_520.0}) + "\n")
     out = tmp_path / "results"
-    path = write_report(results.aggregate(results.collect([root])), out)
+    path = write_report(results.aggregate(results.collect([root])), out, "figure1-cpu", [root])
     text = path.read_text()
-    assert path == out / "figure1-short.md"
-    assert "| DPR | 0.9 | 29 | 30 | 92.10 +- 0.10 | 3 | 93.59 +- 0.17 |" in text
-    assert "200 epochs on lossless CIFAR-10" in text and "30-epoch schedule on CIFAR-10 (JPEG q75)." in text
-    assert "- DPR > orig-init: yes (+0.50 points, 2 SE = 0.16, n=3 each)" in text
-    assert "- reinit > static: yes (+1.00 points" in text
-    assert "![Figure 1a](figure1a.png)" in text
-    assert (out / "figure1a.png").read_bytes()[:8] == PNG_MAGIC
-    assert (out / "figure1.csv").is_file()
+    assert path == out / "figure1.md"
+    assert "## WRN-10-1, 12 epochs, 10,000 training images, CIFAR-10 (JPEG q75)" in text
+    assert "device: test CPU; torch 2.13.0; commit 0123456789ab" in text and "wall time: 42.0 min" in text
+    assert "command: `python -m blockdpr.reproduce --preset figure1-cpu`" in text
+    assert "| DPR | 0.9 | 11 | 62.10 +- 0.10 | 3 | 41 (0.68x) | 93.59 +- 0.17 |" in text
+    assert "paper, 200 epochs, WRN-28-2 (not this setting)" in text, "the published values only as labelled"
+    assert "| dpr-s0.9-seed2 | DPR | 2 | 62.20 | 41 | 5,000 (0.68x) |" in text, "a row per trial"
+    assert "made 41 reallocations per run on average, moving 0.68x its active units" in text
+    assert "- DPR > orig-init: yes (62.10 +- 0.10 vs 61.60 +- 0.10" in text
+    assert "almost no reallocation" not in text
+    assert (out / "figure1a.png").read_bytes()[:8] == PNG_MAGIC and (out / "figure1.csv").is_file()
+    assert not (out / "figure1b.png").exists(), "no stop-epoch sweep, no Figure 1b"
+
+
+def test_a_dpr_condition_that_barely_reallocated_is_marked(tmp_path):
+    fake_matrix(tmp_path / "runs", reallocations=5)
+    rows = results.aggregate(results.collect([tmp_path / "runs"]))
+    dpr = next(r for r in rows if r["condition"] == "dpr")
+    assert dpr["barely_dynamic"] and not any(r["barely_dynamic"] for r in rows if r is not dpr)
+    results.write_table(rows, tmp_path / "out")
+    table = (tmp_path / "out" / "figure1.md").read_text()
+    assert "| DPR (almost no reallocation: in effect static) | 0.9 |" in table
+    assert "fewer than 10 reallocations or moved less than 50% of the active units" in table
+
+
+def test_published_values_sit_beside_the_papers_setting_only(tmp_path):
+    fake_matrix(tmp_path / "paper", depth=28, width=2, train_images=50_000, epochs=200)
+    fake_matrix(tmp_path / "small")
+    rows = results.aggregate(results.collect([tmp_path / "paper", tmp_path / "small"]))
+    assert len(results.settings(rows)) == 2, "two settings are never averaged together"
+    results.write_table(rows, tmp_path / "out")
+    table = (tmp_path / "out" / "figure1.md").read_text()
+    assert "## Figure 1: WRN-28-2, 200 epochs, 50,000 training images, CIFAR-10 (JPEG q75)" in table
+    assert "## Figure 1: WRN-10-1, 12 epochs, 10,000 training images, CIFAR-10 (JPEG q75)" in table
+    assert table.count("| published (DSR paper) |") == 1 and table.count("(not this setting) |") == 1
+    assert sorted(p.name for p in results.write_figures(rows, tmp_path / "out")) == [
+        "figure1a-WRN-10-1-e12-n10000.png", "figure1a-WRN-28-2-e200-n50000.png"]
 
 
 def test_the_preset_lists_only_options_reproduce_has():

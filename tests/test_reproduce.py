@@ -94,10 +94,11 @@ def test_aggregation_mean_std_n_and_figures_from_summaries(tmp_path, capsys):
     results = tmp_path / "results"
     assert main(["--aggregate-only", str(root), "--results", str(results)]) == 0
     table = (results / "figure1.md").read_text()
-    assert "| DPR | 0.9 | 29 | 30 | 92.00 +- 2.00 | 3 | 93.59 +- 0.17 |" in table
-    assert "| static random structure | 0.9 |  | 30 | 88.00 | 1 | 92.04 +- 0.31 |" in table
-    assert "30 + 48 fine-tuning" in table
-    assert (results / "figure1.csv").read_text().startswith("condition,sparsity,stop_epoch")
+    assert "## Figure 1: WRN-?-?, 30 epochs, ? training images, CIFAR-10 (JPEG q75)" in table, "what ran, as known"
+    assert "| DPR | 0.9 | 29 | 92.00 +- 2.00 | 3 |  | 93.59 +- 0.17 |" in table
+    assert "| static random structure | 0.9 |  | 88.00 | 1 |  | 92.04 +- 0.31 |" in table
+    assert "| compressed (gradual pruning) (48 fine-tuning epochs) | 0.9 |" in table
+    assert (results / "figure1.csv").read_text().startswith("model,schedule,train_images,condition,sparsity,stop_epoch")
     for name in ("figure1a.png", "figure1b.png"):
         assert (results / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -182,9 +183,14 @@ def test_bad_flags_are_named(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_aggregate_only_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no finished runs"):
-        main(["--aggregate-only", str(tmp_path), "--results", str(tmp_path / "r")])
+def test_aggregate_only_without_runs_is_a_clear_error(tmp_path, capsys):
+    for where, message in ((tmp_path, "no finished runs"), (tmp_path / "missing", "no such directory")):
+        with pytest.raises(SystemExit) as e:
+            main(["--aggregate-only", str(where), "--results", str(tmp_path / "r")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_help_and_dry_run_from_the_command_line(tmp_path):
