@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--data", type=Path, default=None, help="CIFAR-10 source (default: the repository's data/)")
     p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke run; its defaults: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+                   help="CPU smoke run; its defaults: " + ", ".join(
+                       f"--{k.replace('_', '-')} " + (",".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in SMOKE.items()))
     p.add_argument("--out", type=Path, default=None, help="JSON path (the .md goes beside it)")
     return p
 

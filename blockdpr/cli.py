@@ -8,11 +8,12 @@ error text printed through rich is escaped (:func:`escape`), so ``[n, 3072]`` or
 from __future__ import annotations
 
 import argparse
+import copy
 from typing import Any, Callable, Sequence
 
 from rich.markup import escape as _rich_escape
 
-__all__ = ["HelpFormatter", "RawHelpFormatter", "add_list_argument", "split_list", "escape"]
+__all__ = ["ArgumentParser", "HelpFormatter", "RawHelpFormatter", "add_list_argument", "split_list", "escape"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,6 +30,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        """A list default is written as it is typed (``60,120,160``), not as a Python list."""
+        if isinstance(action.default, (list, tuple)):
+            action = copy.copy(action)
+            action.default = ",".join(map(str, action.default))
+        return super()._expand_help(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and a pointer to --help, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
 class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):

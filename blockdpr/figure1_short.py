@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
                           conditions=["dpr", "reinit", "orig-init", "static", "dense", "gmp"],
                           root=Path("runs") / "figure1-short"),
     "figure1-cpu": dict(sparsities=[0.9], trials=3, first_seed=0, epochs=12, depth=10, width=1, train_subset=10_000,
-                        test_subset=None, device="cpu", conditions=["dpr", "reinit", "orig-init", "static", "dense"],
+                        device="cpu", conditions=["dpr", "reinit", "orig-init", "static", "dense"],
                         root=Path("runs") / "figure1-cpu"),
 }
 CIFAR10_TRAIN_IMAGES, CIFAR10_TEST_IMAGES = 50_000, 10_000

@@ -193,6 +193,8 @@ class Trainer:
             self.dist.close()
             return [None] * self.T
         summaries = [self.finish(trial) for trial in self.trials] if self.dist.is_main else [None] * self.T
+        if self.dist.is_main:
+            print_summaries(summaries)
         self.dist.close()
         return summaries
 
@@ -379,10 +381,15 @@ class Trainer:
             "data": self.data.description, "run_dir": str(out),
         }
         write_summary(out, summary)
-        table = Table(title="run summary")
-        table.add_column("setting")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            table.add_row(key, escape(f"{value:.4f}" if isinstance(value, float) else value))
-        console.print(table)
         return summary
+
+
+def print_summaries(summaries: list[dict]) -> None:
+    """One table for the trials of a process: a row per summary field, a column per trial."""
+    table = Table(title="run summary" if len(summaries) == 1 else f"run summaries ({len(summaries)} trials)")
+    table.add_column("setting")
+    for summary in summaries:
+        table.add_column("value" if len(summaries) == 1 else f"seed {summary['seed']}", justify="right")
+    for key in summaries[0]:
+        table.add_row(key, *(escape(f"{s[key]:.4f}" if isinstance(s[key], float) else s[key]) for s in summaries))
+    console.print(table)

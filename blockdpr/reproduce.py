@@ -19,7 +19,12 @@ Shorter schedules: --epochs E scales every epoch of the paper's 200-epoch schedu
 rounded half up: the lr milestones 60, 120, 160, the reallocation-period epochs 0, 25, 80, 140,
 the DPR stop epoch 190 and the stop-epoch sweep. gmp keeps its own 48-epoch fine-tuning schedule
 (20 prunings, one every 2 epochs) unless --gmp-epochs is given, which scales it by
-gmp_epochs / 48 in the same way.
+gmp_epochs / 48 in the same way. DPR's periods (in iterations) and N_p follow from the run's
+length and model size (blockdpr/sparsity/schedule.py), so a shortened run keeps the paper's
+amount of reallocation; the plan prints how many reallocations each DPR run will make.
+
+Output: the table and figures go into --root (runs/...), or for a preset in its own root into
+the tracked results/<preset>/; --dry-run measures this machine and writes nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from rich.table import Table
 from . import figure1_short as presets
 from . import train as train_lib
 from .checkpoint import CheckpointError
-from .cli import HelpFormatter, add_list_argument, escape
+from .cli import ArgumentParser, HelpFormatter, add_list_argument, escape
 from .config import ConfigError, RunConfig
 from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, iterations_per_epoch,
                      jobs, plan, reallocation_schedule, run_epochs, shared_settings, trial_config)
@@ -215,7 +220,7 @@ def condition_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m blockdpr.reproduce",
         description="Reproduce Figure 1 of Mostafa & Wang (DPR on WRN-28-2, CIFAR-10): plan and run the matrix of "
                     "runs (skipping finished ones, resuming interrupted ones), then write the table and figures.",
@@ -223,70 +228,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("matrix (paper defaults)")
     presets.add_preset_argument(g)
-    add_list_argument(g, "--sparsities", type=float, default=[0.9, 0.8], metavar="S,S")
+    add_list_argument(g, "--sparsities", type=float, default=[0.9, 0.8], metavar="S,S",
+                      help="sparsities of the sparse tensors, each in (0, 1) (default: 0.9,0.8)")
     g.add_argument("--trials", type=int, default=5, help="trials (seeds) per condition")
     g.add_argument("--first-seed", type=int, default=0, help="trial k uses seed first-seed + k")
-    g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS),
-                   help=f"subset of {','.join(CONDITIONS)} (stop: the stop-epoch sweep); dependencies are added")
+    g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS), metavar="C,C",
+                   help=f"conditions to run, from {','.join(CONDITIONS)} (stop: the stop-epoch sweep); what they "
+                        f"depend on is added (default: all of them)")
     g.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
                    help="epochs of every run but gmp; the paper's schedule is scaled by epochs / 200 (e.g. --epochs 30)")
-    add_list_argument(g, "--stop-epochs", type=int, default=list(PAPER_STOP_EPOCHS),
-                   help="the stop-epoch sweep in epochs of the 200-epoch schedule (scaled with --epochs)")
+    add_list_argument(g, "--stop-epochs", type=int, default=list(PAPER_STOP_EPOCHS), metavar="E,E",
+                      help="the stop-epoch sweep in epochs of the 200-epoch schedule, scaled with --epochs (default: "
+                           + ",".join(map(str, PAPER_STOP_EPOCHS)) + ")")
     g.add_argument("--pruned-fraction", type=float, default=None, metavar="F",
-                   help="DPR's N_p (weights pruned per reallocation) as a fraction of the active units (default: the "
+                   help="DPR's N_p (units pruned per reallocation) as a fraction of the active units (default: the "
                         "paper's, 20,000 of WRN-28-2's active weights at the run's sparsity: 0.138 at 0.9)")
     g.add_argument("--target-pruned", type=int, default=None, metavar="N",
                    help="DPR's N_p as an absolute count of units instead (must be below the active units)")
-    g.add_argument("--gmp-epochs", type=int, default=None,
+    g.add_argument("--gmp-epochs", type=int, default=None, metavar="E",
                    help=f"gmp fine-tuning epochs (default: the paper's {GMP_PAPER_EPOCHS}, whatever --epochs; "
                         "other values scale its pruning and lr schedule)")
 
     g = p.add_argument_group("execution")
-    g.add_argument("--root", type=Path, default=None, help="directory of the run directories (default runs/figure1-e<epochs>)")
-    g.add_argument("--results", type=Path, default=None,
-                   help="where the table and figures are written (default results/<name of --root, or of the first "
-                        "--aggregate-only DIR>)")
-    g.add_argument("--trials-per-process", type=int, default=None,
-                   help="most runs trained together in one process (one stacked model; see --benchmark). Default: "
+    g.add_argument("--root", type=Path, default=None, metavar="DIR",
+                   help="directory of the run directories (default: runs/figure1-e<epochs>, or the preset's)")
+    g.add_argument("--results", type=Path, default=None, metavar="DIR",
+                   help="where the table and figures are written (default: results/<preset> for a preset in its own "
+                        "root, else --root, or the first --aggregate-only DIR)")
+    g.add_argument("--trials-per-process", type=int, default=None, metavar="T",
+                   help="most runs trained together in one process (one stacked model; see --benchmark) (default: "
                         + ", ".join(f"{n} on {device}" for device, n in TRIALS_PER_PROCESS.items())
-                        + " (measured: see the README)")
+                        + ", as measured: see the README)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads of the training (torch.set_num_threads; default: torch's, one per core). On a "
-                        "CPU shared with other jobs, 1 is several times faster than oversubscribed cores")
+                   help="CPU threads of the training (torch.set_num_threads) (default: torch's, one per core). On a "
+                        "CPU shared with other jobs 1 is several times faster than oversubscribed cores")
     g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop (checkpointed) after SECONDS; the same command continues later")
     g.add_argument("--no-fork", dest="fork", action="store_false",
                    help="train each DPR-stopped-at-E run from scratch instead of continuing its DPR run's checkpoint "
                         "after epoch E (the same run up to E: forking saves E epochs of each)")
-    g.add_argument("--dry-run", action="store_true", help="print the plan and the status of each run, run nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan and its predicted time (measured on this machine), train and write nothing")
     g.add_argument("--aggregate-only", nargs="*", type=Path, default=None, metavar="DIR",
                    help="only aggregate finished runs in DIR(s) (default: --root) into the table and figures")
 
     g = p.add_argument_group("training (passed to every run)")
-    g.add_argument("--data", type=Path, default=None, help="CIFAR-10 source (default: the bundled JPEG q75 zip)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--depth", type=int, default=28)
-    g.add_argument("--width", type=int, default=2)
-    g.add_argument("--batch-size", type=int, default=100)
-    g.add_argument("--train-subset", type=int, default=None, metavar="N", help="smoke runs: first N training images")
-    g.add_argument("--test-subset", type=int, default=None, metavar="N", help="smoke runs: first N test images")
+    g.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="CIFAR-10 source (default: the bundled data/cifar10-jpeg-q75.zip)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA if available)")
+    g.add_argument("--depth", type=int, default=28, help="WRN depth, 6n + 4 (10, 16, 22, 28, ...)")
+    g.add_argument("--width", type=int, default=2, help="WRN width multiplier")
+    g.add_argument("--batch-size", type=int, default=100, help="training batch per run")
+    g.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on the first N training images (default: all 50,000)")
+    g.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="evaluate on the first N test images (default: all 10,000)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (the paper trains in fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile each process's model")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture each process's training step and evaluation as CUDA graphs (CUDA only; not with --compile)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (a line per epoch only)")
     g.add_argument("--train-args", type=shlex.split, default=[], metavar="'FLAGS'",
                    help="more blockdpr.train flags for every run, after the planned ones (so they override them), "
-                        "e.g. '--keep-momentum' or '--realloc-periods 0:50'")
+                        "e.g. '--keep-momentum' or '--realloc-periods 0:50' (default: none)")
 
     g = p.add_argument_group("throughput")
     g.add_argument("--benchmark", action="store_true",
                    help="measure aggregate training img/s of element-mode DPR for each --bench-trials, then exit")
-    add_list_argument(g, "--bench-trials", type=int, default=[1, 4, 8, 16],
-                   help="trials per process to measure (the first is the baseline)")
-    g.add_argument("--bench-images", type=int, default=10_000, help="training images per epoch in the benchmark")
-    g.add_argument("--bench-epochs", type=int, default=2, help="epochs per measurement (the last one is reported)")
-    g.add_argument("--bench-out", type=Path, default=None, help="also write the measurements as JSON here")
+    add_list_argument(g, "--bench-trials", type=int, default=[1, 4, 8, 16], metavar="T,T",
+                      help="trials per process to measure, the first is the baseline (default: 1,4,8,16)")
+    g.add_argument("--bench-images", type=int, default=10_000, metavar="N", help="training images per epoch in the benchmark")
+    g.add_argument("--bench-epochs", type=int, default=2, metavar="E", help="epochs per measurement (the last one is reported)")
+    g.add_argument("--bench-out", type=Path, default=None, metavar="PATH", help="also write the measurements as JSON here")
     return p
 
 

@@ -138,9 +138,12 @@ def test_end_to_end_tiny_matrix_skips_and_resumes(tmp_path, tiny_cifar, monkeypa
     reinit = json.loads((root / "reinit-s0.9-seed0" / "config.json").read_text())
     assert reinit["init_seed"] != 0, "reinit must not reuse the DPR run's initial values"
     table = (results / "figure1.md").read_text()
-    for label in ("DPR", "final structure + random re-init", "final structure + original init", "static random structure",
-                  "DPR stopped at epoch E", "compressed (gradual pruning)", "dense"):
+    for label in ("final structure + random re-init", "final structure + original init", "static random structure",
+                  "compressed (gradual pruning) (2 fine-tuning epochs)", "dense"):
         assert f"| {label} |" in table
+    for label in ("DPR", "DPR stopped at epoch E"):  # 3 steps an epoch: 6 and 3 reallocations
+        assert f"| {label} (almost no reallocation: in effect static) |" in table
+    assert "## Figure 1: WRN-10-1, 2 epochs, 60 training images" in table
     assert "| 2 |" in table  # n = 2 trials
     for name in ("figure1a.png", "figure1b.png"):
         assert (results / name).read_bytes()[:8] == PNG_MAGIC
@@ -243,3 +246,11 @@ def test_training_flags_reach_every_run(tmp_path):
     opts = parse_args(["--root", str(tmp_path), "--cuda-graph", "--device", "cpu"])
     with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA device"):  # passed on, and refused on a CPU
         trial_config(plan(opts)[0], opts)
+
+
+def test_trials_of_one_process_get_one_summary_table(capsys):
+    from blockdpr.loop import print_summaries
+    print_summaries([{"seed": s, "final_test_acc": 0.5 + s / 100, "reallocations": 41} for s in range(5)])
+    err = capsys.readouterr().err
+    assert err.count("run summaries (5 trials)") == 1 and "run summary\n" not in err
+    assert all(f"seed {s}" in err for s in range(5)) and "0.5400" in err
