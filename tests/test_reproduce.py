@@ -178,12 +178,30 @@ def test_benchmark_reports_aggregate_throughput(tmp_path, tiny_cifar):
     (["--conditions", "dpr,foo"], "unknown condition(s) ['foo']"),
     (["--trials", "0"], "--trials must be >= 1"),
     (["--epochs", "x"], "invalid int value"),
+    (["--depth", "10", "--width", "1", "--target-pruned", "20000"], "--target-pruned 20,000 is not below the 7,370 active"),
+    (["--pruned-fraction", "1.5"], "--pruned-fraction must be in (0, 1)"),
+    (["--pruned-fraction", "0.2", "--target-pruned", "100"], "exclude each other"),
 ])
-def test_bad_flags_are_named(flags, message, capsys):
+def test_bad_flags_are_named(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(flags)
+        main([*flags, "--root", str(tmp_path / "r")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "refused before anything is written"
+
+
+def test_the_plan_gives_dpr_runs_the_derived_periods_and_n_p(tmp_path):
+    opts = parse_args(["--preset", "figure1-cpu", "--root", str(tmp_path)])
+    runs = {r.out.name: r for r in plan(opts)}
+    assert opts.schedule.realloc_periods == "0:11,2:22,5:44,8:88"
+    config = trial_config(runs["dpr-s0.9-seed0"], opts)
+    assert config.realloc_periods == ((0, 11), (2, 22), (5, 44), (8, 88)) and config.dpr_stop_epoch == 11
+    assert config.target_pruned == 1_016 and opts.reallocation[0.9].reallocations == 41
+    assert trial_config(runs["static-s0.9-seed0"], opts).target_pruned == 1_016, "one N_p: they stack"
+    explicit = parse_args(["--preset", "figure1-cpu", "--root", str(tmp_path), "--target-pruned", "500"])
+    assert trial_config(plan(explicit)[3], explicit).target_pruned == 500
+    assert trial_config(runs["dpr-s0.9-seed0"], parse_args(
+        ["--preset", "figure1-cpu", "--root", str(tmp_path), "--train-args", "--target-pruned 300"])).target_pruned == 300
 
 
 def test_aggregate_only_without_runs_is_a_clear_error(tmp_path, capsys):
