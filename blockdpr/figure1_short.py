@@ -48,7 +48,7 @@ TARGET_IMAGES_PER_SECOND = 100_000  # issue 15: aggregate over stacked trials on
 ORDERING = ("dpr", "orig-init", "reinit", "static")
 SHORT_NAMES = {"dpr": "DPR", "orig-init": "orig-init", "reinit": "reinit", "static": "static"}
 # Steps timed by `measure` (after warm-up ones) and test images evaluated: enough for a stable mean.
-TIMED_STEPS = {"cuda": (20, 100), "cpu": (2, 8)}  # device type -> (warm-up steps, timed steps)
+TIMED_STEPS = {"cuda": (20, 100), "cpu": (3, 20)}  # device type -> (warm-up steps, timed steps)
 EVAL_IMAGES = 1000
 
 
