@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import matrix, results
+from .cli import ArgumentParser
 from .config import group_settings
 from .runinfo import atomic_write_text, device_info
 from .setup import resolve_device
@@ -71,7 +72,7 @@ def apply_preset(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     """Make the preset named by `--preset NAME` in argv (default sys.argv[1:]) the parser's
     defaults, so that flags given explicitly still override it. Returns NAME, or None without
     --preset. An unknown NAME is a parser error naming the known ones."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(prog=parser.prog, add_help=False)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     if known.preset is None:

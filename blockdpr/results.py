@@ -76,9 +76,19 @@ def run_facts(run_dir: Path) -> dict:
     prov = config.get("provenance") or {}
     return {"train_images": (config.get("dataset") or {}).get("train_images"),
             "test_images": (config.get("dataset") or {}).get("test_images"),
-            "device": config.get("device_name"), "torch": (prov.get("versions") or {}).get("torch"),
+            "device": device_text(prov.get("device") or {}) or config.get("device_name"),
+            "torch": (prov.get("versions") or {}).get("torch"),
             "commit": (prov.get("git") or {}).get("commit"),
             "block_size": config.get("block_size") if config.get("granularity") == "block" else None}
+
+
+def device_text(device: dict) -> str | None:
+    """'NVIDIA H200' or 'CPU x86_64, 2 cores' from a run's provenance (None if not recorded)."""
+    if device.get("gpu_name"):
+        return device["gpu_name"]
+    if device.get("cpu"):
+        return f"CPU {device['cpu']}, {device.get('cpu_count', '?')} cores"
+    return None
 
 
 def collect(dirs: list[Path]) -> list[dict]:
