@@ -193,29 +193,31 @@ def run_compile(kernels=None, variants=None, dtypes=DEFAULT_DTYPES, blocks=None,
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
-    add_list_argument(parser, "--kernels", choices=list(KERNELS), default=None, help="default: every kernel")
-    add_list_argument(parser, "--variants", choices=list(VARIANTS), default=None, help="default: every variant")
+    add_list_argument(parser, "--kernels", choices=list(KERNELS), default=None, help="kernels to compile (default: every kernel)")
+    add_list_argument(parser, "--variants", choices=list(VARIANTS), default=None, help="kernel variants to compile (default: every variant)")
     add_list_argument(parser, "--dtypes", choices=list(DTYPES), default=list(DEFAULT_DTYPES),
-                      help="fp32 = TF32 tensor cores; fp32-ieee = CUDA cores (as torch's default for linear)")
-    add_list_argument(parser, "--blocks", type=int, default=None, help="default: every supported block size")
-    add_list_argument(parser, "--targets", type=int, choices=list(TARGETS), default=list(TARGETS))
+                      help="dtypes to compile; fp32 = TF32 tensor cores, fp32-ieee = CUDA cores (as torch's default for linear)")
+    add_list_argument(parser, "--blocks", type=int, default=None, help="block sizes to compile (default: every supported block size)")
+    add_list_argument(parser, "--targets", type=int, choices=list(TARGETS), default=list(TARGETS),
+                      help="CUDA compute capabilities to compile for (90 = sm_90, H100 / H200; 80 = sm_80, A100)")
     parser.add_argument("--configs", default="all", help="all | first | comma-separated autotune indices")
     parser.add_argument("--extra-config", action="append", default=[], type=parse_config, metavar="K=V,...",
-                        help="an extra config to try, e.g. BLOCK_M=512,num_warps=4,num_stages=4 (repeatable)")
+                        help="an extra config to try, e.g. BLOCK_M=512,num_warps=4,num_stages=4 (repeatable; default: none)")
     parser.add_argument("--quick", action="store_true", help=f"block {REPRESENTATIVE_BLOCK} only")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="compile worker processes")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything (results cache off)")
     parser.add_argument("--rows", choices=("all", "problems", "none"), default="all",
                         help="compile rows to print (the summary is always printed)")
-    parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--skip-roofline", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="no compilation: only the roofline part")
+    parser.add_argument("--skip-roofline", action="store_true", help="no roofline part: only the compilation")
     add_list_argument(parser, "--densities", type=float, default=[0.2, 0.1], help="fraction of blocks kept")
-    add_list_argument(parser, "--roofline-blocks", type=int, default=[16, 32, 64])
-    parser.add_argument("--device", choices=list(DEVICES), default="h100-sxm")
-    parser.add_argument("--roofline-dtype", choices=list(ELEMENT_BYTES), default="bf16")
-    parser.add_argument("--batch", type=int, default=256)
+    add_list_argument(parser, "--roofline-blocks", type=int, default=[16, 32, 64], help="block sizes of the roofline part")
+    parser.add_argument("--device", choices=list(DEVICES), default="h100-sxm", help="GPU the roofline models")
+    parser.add_argument("--roofline-dtype", choices=list(ELEMENT_BYTES), default="bf16", help="operand dtype of the roofline")
+    parser.add_argument("--batch", type=int, default=256, help="batch of the conv layers of the roofline")
     parser.add_argument("--linear-m", type=int, default=8192, help="rows (tokens) of the square linears")
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "aot.json")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "aot.json", metavar="PATH",
+                        help="where the report is written (default: bench/results/aot.json)")
     args = parser.parse_args(argv)
 
     from rich.console import Console

@@ -229,12 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for breakdown.json / breakdown.md")
     parser.add_argument("--smoke", action="store_true", help="tiny cases (forced without a GPU)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 (smoke: fp32)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="operand dtype (default: bf16; with --smoke fp32)")
     add_list_argument(parser, "--blocks", type=int, default=None, help="only these block sizes (default: every case)")
     parser.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up per timing")
     parser.add_argument("--rep-ms", type=float, default=50, help="do_bench timed duration per timing")
     parser.add_argument("--autotune-cache", type=Path, default=autotune_cache.DEFAULT_DIR,
-                        help="folder of tuned configs per GPU (loaded before, saved after; CUDA only)")
+                        metavar="DIR", help="folder of tuned configs per GPU (loaded before, saved after; CUDA only) (default: bench/results/autotune)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda

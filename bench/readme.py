@@ -121,7 +121,8 @@ def update_readme(readme: Path, results: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="a GPU session's results folder")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to rewrite")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", metavar="PATH",
+                        help="the README to rewrite (default: the repository's README.md)")
     parser.add_argument("--print", action="store_true", help="print the table; change nothing")
     args = parser.parse_args(argv)
     if not args.results.is_dir():

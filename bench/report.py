@@ -189,21 +189,30 @@ def plot(result: dict, path_stem: Path) -> list[Path]:
             ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if min(densities or [1]) <= t]
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            # log y: labels at 1-2-5 steps only (the default labels every minor tick, overlapping)
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             shape = next(s for s in SHAPES if s.id == layer_id)
-            ax.set_title(f"{layer_id}: {shape.describe()}", fontsize=8)
+            ax.set_title(f"{layer_id}: {shape.describe()}", fontsize=9)
             ax.set_xlabel("density")
             ax.set_ylabel(f"{pass_} speedup vs dense")
-            ax.legend(fontsize=6)
         for ax in list(axes.flat)[len(ids):]:
             ax.axis("off")
+        legend = {}  # one legend for the figure, readable, from every panel's lines
+        for ax in list(axes.flat)[:len(ids)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(6, len(legend)), fontsize=10,
+                   frameon=False)
         device = gpu_name(result) or "CPU"
         title = f"block-sparse {pass_} speedup over dense, {dtype}, {device}"
         if result["smoke"]:
             title = "SMOKE MODE (timings meaningless): " + title
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the panels
         path = path_stem.with_name(f"{path_stem.name}-{dtype}.png")
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

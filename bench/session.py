@@ -2,7 +2,7 @@
 
     bash bench/gpu_session.sh                   # CUDA: every step below, < 9 minutes from a cold Triton cache
     bash bench/gpu_session.sh --steps train-speed,breakdown   # only these steps
-    bash bench/gpu_session.sh --out DIR         # results elsewhere (default bench/results/<gpu>-<date>)
+    bash bench/gpu_session.sh --out DIR         # results elsewhere (default: bench/results/<gpu>-<date>)
     bash bench/gpu_session.sh --list            # the steps and their time limits; run nothing
 
 Each step is a subprocess with its own time limit (its process group is killed when the limit is
@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: see above)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help=f"seconds for all steps (default {GPU_BUDGET_S} on CUDA, {CPU_BUDGET_S} without)")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose table is regenerated")
+                        help=f"seconds for all steps (default: {GPU_BUDGET_S} on CUDA, {CPU_BUDGET_S} without)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", metavar="PATH",
+                        help="README whose table is regenerated (default: the repository's README.md)")
     parser.add_argument("--list", action="store_true", help="print the steps and their limits; run nothing")
     add_list_argument(parser, "--steps", default=None, help="run only these steps (names as --list prints them)")
     args = parser.parse_args(argv)

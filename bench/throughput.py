@@ -86,6 +86,11 @@ SMOKE_FORCED = ("models", "layers", "conv_batch", "tokens", "train_models", "tra
 
 
 # ------------------------------------------------------------------------------------ flags
+def _csv(values) -> str:
+    """Values as the flags take them: 16,32,64."""
+    return ",".join(map(str, values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     a = p.add_argument
@@ -93,39 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     def lst(flag, **kw):
         add_list_argument(p, flag, **kw)
 
-    a("--quick", action="store_true", help=f"the target subset: {QUICK}")
+    a("--quick", action="store_true", help="the target subset: " + "; ".join(f"{k} {_csv(v)}" for k, v in QUICK.items()))
     a("--smoke", action="store_true", help="tiny shapes, timings meaningless (forced when no CUDA GPU)")
     a("--list", action="store_true", help="print the shape table and the planned work, then exit")
     lst("--report", type=Path, metavar="JSON", help="re-render (and merge) result files; measure nothing")
-    lst("--sections", choices=SECTIONS, help=f"default: {FULL['sections']}")
-    lst("--models", help=f"layer tables, from {list(LAYER_MODELS)}; default all")
+    lst("--sections", choices=SECTIONS, help=f"sections to run (default: {_csv(FULL['sections'])})")
+    lst("--models", help=f"layer tables, from {_csv(LAYER_MODELS)} (default: all)")
     lst("--layers", metavar="GLOB", help="layer ids to keep (fnmatch, e.g. 'wrn-28-10/g3' 'linear/*')")
-    lst("--sparsities", type=float, help=f"default {FULL['sparsities']}")
-    lst("--blocks", type=int, help=f"square block sizes from {list(CONV_BLOCKS)}; default {FULL['blocks']}")
-    lst("--dtypes", help=f"from {list(DTYPES)}; default {FULL['dtypes']} (training: autocast to it)")
-    lst("--passes", help=f"from {list(PASSES)}; default all")
-    a("--conv-batch", type=int, help=f"batch of the conv layer benchmarks (default {FULL['conv_batch']})")
-    a("--tokens", type=int, help=f"rows of the linear layer input (default {FULL['tokens']})")
-    a("--backend", choices=("auto", "triton", "reference"), help="block-sparse layer backend (default auto)")
+    lst("--sparsities", type=float, help=f"fractions of blocks pruned (default: {_csv(FULL['sparsities'])})")
+    lst("--blocks", type=int, help=f"square block sizes from {_csv(CONV_BLOCKS)} (default: {_csv(FULL['blocks'])})")
+    lst("--dtypes", help=f"from {_csv(DTYPES)}; training autocasts to it (default: {_csv(FULL['dtypes'])})")
+    lst("--passes", help=f"from {_csv(PASSES)} (default: all)")
+    a("--conv-batch", type=int, help=f"batch of the conv layer benchmarks (default: {FULL['conv_batch']})")
+    a("--tokens", type=int, help=f"rows of the linear layer input (default: {FULL['tokens']})")
+    a("--backend", choices=("auto", "triton", "reference"), help="block-sparse layer backend (default: auto)")
     a("--retune", action="store_true", help="clear the kernels' tuned configs before each sparsity (by default "
       "the config tuned at the first sparsity is reused where the autotune key does not change)")
     a("--autotune-cache", type=Path, default=autotune_cache.DEFAULT_DIR,
-      help="folder of tuned configs per GPU name, loaded before timing and saved after (CUDA only)")
+      metavar="DIR", help="folder of tuned configs per GPU name, loaded before timing and saved after (CUDA only) (default: bench/results/autotune)")
     a("--no-autotune-cache", action="store_true", help="neither load nor save tuned configs")
-    lst("--train-models", help=f"WRN-d-k names, e.g. wrn-28-10; default {FULL['train_models']}")
-    lst("--train-batches", type=int, help=f"default {FULL['train_batches']}")
-    lst("--train-sparsities", type=float, help=f"default {FULL['train_sparsities']}")
-    lst("--train-modes", help=f"from {list(TRAIN_MODES)}; block mode runs each --blocks")
+    lst("--train-models", help=f"WRN-d-k names, e.g. wrn-28-10 (default: {_csv(FULL['train_models'])})")
+    lst("--train-batches", type=int, help=f"batches of the training-step benchmarks (default: {_csv(FULL['train_batches'])})")
+    lst("--train-sparsities", type=float, help=f"sparsities of the training-step benchmarks (default: {_csv(FULL['train_sparsities'])})")
+    lst("--train-modes", help=f"from {_csv(TRAIN_MODES)}; block mode runs each --blocks (default: all)")
     a("--period", type=int, default=100, help="steps between reallocations (amortises one)")
     a("--warmup-ms", type=float, default=25, help="CUDA warm-up time before each measurement (do_bench warmup)")
     a("--rep-ms", type=float, default=30, help="CUDA time of the timed calls per layer measurement (do_bench rep)")
     a("--train-rep-ms", type=float, default=1000, help="--rep-ms of the training-step measurements")
     a("--cpu-reps", type=int, default=3, help="timed repeats per measurement in smoke mode")
     a("--shard", default="1/1", help="I/N: run work items I, I+N, I+2N, ... (1-based)")
-    a("--seed", type=int, default=0)
-    a("--out", type=Path, default=None, help="output folder (default bench/results, smoke: bench/results/smoke)")
+    a("--seed", type=int, default=0, help="seed of the random layouts and inputs")
+    a("--out", type=Path, default=None, help="output folder (default: bench/results; with --smoke bench/results/smoke)")
     a("--tag", default="", help="appended to the output file names")
-    a("--no-plot", action="store_true")
+    a("--no-plot", action="store_true", help="write no PNG figures")
     return p
 
 

@@ -15,7 +15,7 @@ steps and timed on their own (every trial's, together, as the loop does them), t
     dpr images/s  = T * batch / (step_ms + reallocation_ms / period)
     DPR overhead  = dense images/s / dpr images/s - 1      (same trials, precision and path)
 
-The JSON (rows with raw times, provenance, command) and a markdown table go to --out (default
+The JSON (rows with raw times, provenance, command) and a markdown table go to --out (default:
 bench/results/train-speed-<gpu>.json / .md; smoke runs under bench/results/smoke/). The targets
 of issue 15 are checked in the table: DPR 1 trial fp32 >= 30,000 img/s, aggregate >= 100,000,
 DPR overhead <= 3%.
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--data", type=Path, default=None, help="CIFAR-10 source (default: the repository's data/)")
     p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke run; its defaults: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+                   help="CPU smoke run; its defaults: " + ", ".join(
+                       f"--{k.replace('_', '-')} " + (",".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in SMOKE.items()))
     p.add_argument("--out", type=Path, default=None, help="JSON path (the .md goes beside it)")
     return p
 

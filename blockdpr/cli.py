@@ -9,21 +9,12 @@ error and where to find the flags) instead of argparse's usage block.
 from __future__ import annotations
 
 import argparse
-import sys
+import copy
 from typing import Any, Callable, Sequence
 
 from rich.markup import escape as _rich_escape
 
 __all__ = ["ArgumentParser", "HelpFormatter", "RawHelpFormatter", "add_list_argument", "split_list", "escape"]
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose parse errors print ``error: ...`` and a hint to ``--help`` (exit 2),
-    not the 16-33 lines of usage above the one line that matters."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message}\n{self.prog} --help lists every flag\n")
-        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -40,6 +31,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        """A list default is written as it is typed (``60,120,160``), not as a Python list."""
+        if isinstance(action.default, (list, tuple)):
+            action = copy.copy(action)
+            action.default = ",".join(map(str, action.default))
+        return super()._expand_help(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose parse errors are one ``error: ...`` line and a pointer to ``--help``
+    (exit 2), not the 16-33 lines of usage above the one line that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n(see {self.prog} --help)\n")
 
 
 class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):

@@ -26,13 +26,13 @@ from blockdpr_kernels import CONV_BLOCKS
 
 from .sparsity.distribution import DISTRIBUTIONS
 from .sparsity.rules import RULES
+from .sparsity.schedule import PAPER_REALLOC_PERIODS, active_units, default_target_pruned, target_errors
 
 
 MODES = ("dpr", "static", "reinit", "orig-init", "dense", "gmp")
 # The compressed baseline's fine-tuning schedule (DSR paper): 48 epochs, lr 0 / 0.02 / 0.004 / 0.0008.
 GMP_EPOCHS = 48
 GMP_LR_SCHEDULE = ((0, 0.0), (1, 0.02), (25, 0.004), (35, 0.0008))
-PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
 # Settings that may differ between the trials trained together in one process (mode: any but gmp,
 # whose pruning schedule belongs to the process, so gmp trials train with gmp trials only).
 PER_TRIAL = ("seed", "out", "mode", "structure_from", "dense_from", "sparsity", "dpr_stop_epoch", "rule", "alpha",
@@ -99,7 +99,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     # sparsity and DPR
     sparsity: float = 0.9
-    target_pruned: int | None = None  # None: 20,000 weights (in blocks: round(20,000 / block_size^2))
+    target_pruned: int | None = None  # None: the paper's fraction of the active units (sparsity/schedule.py; 20,000 on WRN-28-2)
     tolerance: float = 0.1
     initial_threshold: float = 0.001
     realloc_periods: Schedule = PAPER_REALLOC_PERIODS
@@ -121,7 +121,7 @@ class RunConfig:
                 (m, self.lr * self.lr_gamma ** (i + 1)) for i, m in enumerate(sorted(self.lr_milestones)))
         target = self.target_pruned
         if target is None:
-            target = 20_000 if self.granularity == "element" else max(1, round(20_000 / self.block_size ** 2))
+            target = default_target_pruned(self.depth, self.width, self.sparsity, self.unit_block())
         out = self.out if self.out is not None else default_out(self)
         return dataclasses.replace(self, epochs=epochs, lr_schedule=tuple(schedule), target_pruned=target, out=out)
 
@@ -178,6 +178,9 @@ class RunConfig:
                      "gradient capture hooks the layers of a plain model, not the stacked trials' model)")
         if self.rule == "rigl" and self.cuda_graph:
             e.append("--rule rigl reads the gradient of its update steps outside the captured step: drop --cuda-graph")
+        if self.mode == "dpr" and self.target_pruned is not None and not e:  # the model is buildable
+            active = active_units(self.depth, self.width, self.sparsity, self.unit_block())
+            e += target_errors(self.target_pruned, active, "weights" if self.granularity == "element" else "blocks")
         if self.mode in ("reinit", "orig-init") and self.structure_from is None:
             e.append(f"--mode {self.mode} needs --structure-from DIR (a finished --mode dpr run)")
         if self.mode == "gmp" and self.dense_from is None:
@@ -192,6 +195,10 @@ class RunConfig:
         if self.cuda_graph and self.compile:
             e.append("--cuda-graph and --compile exclude each other (torch.compile has its own graphs: mode='reduce-overhead')")
         return e
+
+    def unit_block(self) -> int | None:
+        """The block size of a reallocation unit (None: element mode)."""
+        return self.block_size if self.granularity == "block" else None
 
     def check(self) -> "RunConfig":
         """The resolved config, or ConfigError listing every problem."""

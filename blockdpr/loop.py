@@ -155,6 +155,8 @@ class Trainer:
             self.dist.close()
             return [None] * self.T
         summaries = [self.finish(t) for t in range(self.T)] if self.dist.is_main else [None] * self.T
+        if self.dist.is_main:
+            print_summaries(summaries)
         self.dist.close()
         return summaries
 
@@ -289,15 +291,23 @@ class Trainer:
             "final_test_acc": metrics[-1]["test_acc"], "best_test_acc": max(m["test_acc"] for m in metrics),
             "final_train_loss": metrics[-1]["train_loss"],
             "nonzero_sparse_weights": sum(sparsity.nonzero_counts()) if sparsity is not None else None,
+            # DPR's amount of reallocation, in units (weights, or blocks in block mode)
+            "active_units": int(sparsity.structure.flat_mask().sum()) if sparsity is not None else None,
+            "reallocations": sum(m["reallocations"] for m in metrics), "units_moved": sum(m["weights_moved"] for m in metrics),
             "train_seconds": sum(m["seconds"] for m in metrics),
             "wall_seconds_this_process": time.perf_counter() - self.started,
             "data": self.engine.data.description, "run_dir": str(out),
         }
         write_summary(out, summary)
-        table = Table(title="run summary")
-        table.add_column("setting")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            table.add_row(key, escape(f"{value:.4f}" if isinstance(value, float) else value))
-        console.print(table)
         return summary
+
+
+def print_summaries(summaries: list[dict]) -> None:
+    """One table for the trials of a process: a row per summary field, a column per trial."""
+    table = Table(title="run summary" if len(summaries) == 1 else f"run summaries ({len(summaries)} trials)")
+    table.add_column("setting")
+    for summary in summaries:
+        table.add_column("value" if len(summaries) == 1 else f"seed {summary['seed']}", justify="right")
+    for key in summaries[0]:
+        table.add_row(key, *(escape(f"{s[key]:.4f}" if isinstance(s[key], float) else s[key]) for s in summaries))
+    console.print(table)

@@ -1,7 +1,9 @@
 """The matrix of runs of python -m blockdpr.reproduce: the paper's schedule, the planned runs, where each stands.
 
-- `Schedule.scaled_from_paper(epochs, stop_epochs, gmp_epochs)`: the paper's 200-epoch schedule
-  (and gmp's 48-epoch one) scaled to `epochs` (`scaled`, rounded half up).
+- `Schedule.scaled_from_paper(epochs, stop_epochs, gmp_epochs, iterations_per_epoch)`: the paper's
+  200-epoch schedule (and gmp's 48-epoch one) scaled to `epochs` (`scaled_epoch`, rounded half up);
+  the reallocation periods and DPR stop as blockdpr/sparsity/schedule.py derives them.
+- `reallocation_schedule(opts, sparsity)`: the periods and N_p of the DPR runs at one sparsity.
 - `Run`: one planned run directory of blockdpr.train; `plan(opts)`: every run of the matrix, in
   dependency order; `trial_config(run, opts)`: its validated RunConfig.
 - `progress_key(run)`, `run_epochs(run)`: where a run stands (its checkpoint) and what it has left.
@@ -16,23 +18,17 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, RunConfig, group_settings
+from .sparsity import schedule as realloc
+from .sparsity.schedule import PAPER_EPOCHS, scaled_epoch
 from .train import piecewise
 
-PAPER_EPOCHS = 200
 PAPER_MILESTONES = (60, 120, 160)
-PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
-PAPER_DPR_STOP = 190
 # The stop-epoch sweep of Figure 1b/c (our choice of points between 10 and 180; a flag).
 PAPER_STOP_EPOCHS = (10, 20, 40, 60, 80, 100, 120, 140, 160, 180)
 GMP_PAPER_EPOCHS, GMP_PAPER_STEPS, GMP_PAPER_INTERVAL = 48, 20, 2
 GMP_PAPER_LR = ((0, 0.0), (1, 0.02), (25, 0.004), (35, 0.0008))
 
 CONDITIONS = ("dpr", "reinit", "orig-init", "static", "stop", "gmp", "dense")
-
-
-def scaled(epoch: int, scale: float) -> int:
-    """An epoch of the paper's schedule on a schedule `scale` times as long (rounded half up)."""
-    return int(math.floor(epoch * scale + 0.5))
 
 
 def piecewise_text(pairs) -> str:
@@ -58,20 +54,21 @@ class Schedule:
     gmp_lr: str
 
     @classmethod
-    def scaled_from_paper(cls, epochs: int, stop_epochs=PAPER_STOP_EPOCHS, gmp_epochs: int | None = None) -> "Schedule":
+    def scaled_from_paper(cls, epochs: int, stop_epochs=PAPER_STOP_EPOCHS, gmp_epochs: int | None = None,
+                          iterations_per_epoch: int = realloc.PAPER_ITERATIONS_PER_EPOCH) -> "Schedule":
         s = epochs / PAPER_EPOCHS
-        dpr_stop = min(epochs, max(1, scaled(PAPER_DPR_STOP, s)))
-        stops = tuple(sorted({min(max(1, scaled(e, s)), epochs) for e in stop_epochs} - {dpr_stop}))
+        dpr_stop = realloc.scaled_dpr_stop(epochs)
+        stops = tuple(sorted({min(max(1, scaled_epoch(e, s)), epochs) for e in stop_epochs} - {dpr_stop}))
         g = gmp_epochs or GMP_PAPER_EPOCHS
         gs = g / GMP_PAPER_EPOCHS
-        span = max(1, min(g, scaled(GMP_PAPER_STEPS * GMP_PAPER_INTERVAL, gs)))  # epochs with prunings
+        span = max(1, min(g, scaled_epoch(GMP_PAPER_STEPS * GMP_PAPER_INTERVAL, gs)))  # epochs with prunings
         steps = min(GMP_PAPER_STEPS, span)
         interval = max(1, span // steps)
-        gmp_lr = [(0, GMP_PAPER_LR[0][1])] + [(max(1, scaled(e, gs)), v) for e, v in GMP_PAPER_LR[1:]]
+        gmp_lr = [(0, GMP_PAPER_LR[0][1])] + [(max(1, scaled_epoch(e, gs)), v) for e, v in GMP_PAPER_LR[1:]]
         return cls(
             epochs=epochs,
-            milestones=tuple(sorted({max(1, scaled(m, s)) for m in PAPER_MILESTONES if scaled(m, s) < epochs})),
-            realloc_periods=piecewise_text([(scaled(e, s), p) for e, p in PAPER_REALLOC_PERIODS]),
+            milestones=tuple(sorted({max(1, scaled_epoch(m, s)) for m in PAPER_MILESTONES if scaled_epoch(m, s) < epochs})),
+            realloc_periods=piecewise_text(realloc.scaled_periods(epochs, iterations_per_epoch)),
             dpr_stop=dpr_stop, stop_epochs=stops,
             gmp_epochs=g, gmp_steps=steps, gmp_interval=interval, gmp_lr=piecewise_text(gmp_lr),
         )
@@ -108,6 +105,26 @@ def run_name(condition: str, sparsity: float | None, seed: int, stop: int | None
     return f"{condition}-s{sparsity}-seed{seed}"
 
 
+def train_setting(opts: argparse.Namespace, name: str):
+    """A blockdpr.train setting of every run: from --train-args if given there, else from opts."""
+    return opts.train_overrides.get(name, getattr(opts, name, None))
+
+
+def iterations_per_epoch(opts: argparse.Namespace) -> int:
+    """Training steps an epoch of every run (the last batch may be short)."""
+    images = opts.train_subset or realloc.PAPER_ITERATIONS_PER_EPOCH * 100
+    return math.ceil(images / train_setting(opts, "batch_size"))
+
+
+def reallocation_schedule(opts: argparse.Namespace, sparsity: float) -> realloc.ReallocationSchedule:
+    """The reallocation periods, DPR stop and N_p of the DPR runs at `sparsity` (sparsity/schedule.py):
+    N_p from --target-pruned if given, else --pruned-fraction (default: the paper's) of the active units."""
+    block = train_setting(opts, "block_size") if train_setting(opts, "granularity") == "block" else None
+    active = realloc.active_units(opts.depth, opts.width, sparsity, block)
+    return realloc.derive(active, iterations_per_epoch(opts), opts.epochs, opts.pruned_fraction, opts.target_pruned,
+                          sparsity)
+
+
 def plan(opts: argparse.Namespace) -> list[Run]:
     """Every run of the matrix, in an order that respects the dependencies."""
     sched: Schedule = opts.schedule
@@ -131,11 +148,12 @@ def plan(opts: argparse.Namespace) -> list[Run]:
     fork = "stop" in wanted and opts.fork and sched.stop_epochs
     snapshots = dict(snapshot_epochs=tuple(sched.stop_epochs)) if fork else {}
     for s in opts.sparsities:
-        sp = dict(sparsity=s)
+        sp = dict(sparsity=s, target_pruned=reallocation_schedule(opts, s).target_pruned)  # one N_p: trials stack
         for seed in seeds:
             dpr = root / run_name("dpr", s, seed, None)
             if wanted & {"dpr", "reinit", "orig-init", "stop"}:
-                add("dpr", s, seed, sched.dpr_stop, dict(mode="dpr", **sp, **base, dpr_stop_epoch=sched.dpr_stop, **snapshots))
+                add("dpr", s, seed, sched.dpr_stop, dict(mode="dpr", **sp, **base, dpr_stop_epoch=sched.dpr_stop,
+                                                          **snapshots))
             if "static" in wanted:
                 add("static", s, seed, None, dict(mode="static", **sp, **base))
             if "stop" in wanted:  # with fork: continued from the DPR run's checkpoint after epoch E (see reproduce.fork_stop_run)
@@ -143,7 +161,7 @@ def plan(opts: argparse.Namespace) -> list[Run]:
                     add("stop", s, seed, e, dict(mode="dpr", **sp, **base, dpr_stop_epoch=e), [dpr] if fork else [])
     # Wave 2: built on a finished run of wave 1.
     for s in opts.sparsities:
-        sp = dict(sparsity=s)
+        sp = dict(sparsity=s, target_pruned=reallocation_schedule(opts, s).target_pruned)
         for seed in seeds:
             dpr = root / run_name("dpr", s, seed, None)
             for mode in ("reinit", "orig-init"):

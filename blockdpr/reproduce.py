@@ -19,7 +19,12 @@ Shorter schedules: --epochs E scales every epoch of the paper's 200-epoch schedu
 rounded half up: the lr milestones 60, 120, 160, the reallocation-period epochs 0, 25, 80, 140,
 the DPR stop epoch 190 and the stop-epoch sweep. gmp keeps its own 48-epoch fine-tuning schedule
 (20 prunings, one every 2 epochs) unless --gmp-epochs is given, which scales it by
-gmp_epochs / 48 in the same way.
+gmp_epochs / 48 in the same way. DPR's periods (in iterations) and N_p follow from the run's
+length and model size (blockdpr/sparsity/schedule.py), so a shortened run keeps the paper's
+amount of reallocation; the plan prints how many reallocations each DPR run will make.
+
+Output: the table and figures go into --root (runs/...), or for a preset in its own root into
+the tracked results/<preset>/; --dry-run measures this machine and writes nothing.
 """
 
 from __future__ import annotations
@@ -34,18 +39,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from . import figure1_short as presets
 from . import train as train_lib
 from .checkpoint import CheckpointError
-from .cli import HelpFormatter, add_list_argument, escape
+from .cli import ArgumentParser, HelpFormatter, add_list_argument, escape
 from .config import ConfigError, RunConfig
-from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, jobs, plan,
-                     run_epochs, shared_settings, trial_config)
-from .results import console, report
+from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, iterations_per_epoch,
+                     jobs, plan, reallocation_schedule, run_epochs, shared_settings, trial_config)
+from .results import ReportError, console, report
 from .run_dir import saved_config
+from .setup import resolve_device
 from .runinfo import atomic_write, atomic_write_json, atomic_write_text
 
 
@@ -56,7 +63,8 @@ def check_existing(run: Run, args: RunConfig) -> None:
     if run.status() == "new" or not config_file.is_file():
         return
     config = saved_config(run.out).to_json()  # ConfigError if garbled
-    keys = ("mode", "sparsity", "seed", "epochs", "depth", "width", "batch_size", "train_subset", "dpr_stop_epoch")
+    keys = ("mode", "sparsity", "seed", "epochs", "depth", "width", "batch_size", "train_subset", "dpr_stop_epoch",
+            "target_pruned")
     different = [f"{k}: {config.get(k)!r} there, {getattr(args, k)!r} planned" for k in keys
                  if k in config and config.get(k) != getattr(args, k) and not (k == "sparsity" and args.mode == "dense")]
     if different:
@@ -114,6 +122,29 @@ def execute(opts: argparse.Namespace) -> bool:
         return all(r.status() == "done" for r in runs)
     for run in runs:
         check_existing(run, trial_config(run, opts))
+    record_session(opts, started=True)
+    try:
+        return train_waves(runs, opts, started)
+    finally:
+        record_session(opts, started=False, seconds=time.perf_counter() - started)
+
+
+def record_session(opts: argparse.Namespace, started: bool, seconds: float | None = None) -> None:
+    """Append this command's start or end to <root>/sessions.jsonl (the report's command and wall time)."""
+    from datetime import datetime, timezone
+
+    record = {"event": "start" if started else "end", "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": shlex.join(["python", "-m", "blockdpr.reproduce", *opts.argv])}
+    if seconds is not None:
+        record["seconds"] = round(seconds, 1)
+    opts.root.mkdir(parents=True, exist_ok=True)
+    with open(opts.root / "sessions.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_waves(runs: list[Run], opts: argparse.Namespace, started: float) -> bool:
+    """Train the runs that are not finished, wave by wave (dependencies first). Returns True when every
+    planned run is finished."""
     waves = [[r for r in runs if not r.depends], [r for r in runs if r.depends]]
     launched = 0
     for wave in waves:
@@ -175,6 +206,11 @@ def benchmark(opts: argparse.Namespace) -> list[dict]:
 
 
 # ---- command line ------------------------------------------------------------------------------
+# Default --trials-per-process by device type. One H200 trained 8 stacked trials 2.7x as fast as
+# one; a 2-core CPU trains WRN-10-1 faster one trial at a time (README, "Reproducing Figure 1").
+TRIALS_PER_PROCESS = {"cuda": 10, "cpu": 1}
+
+
 def condition_list(text: str) -> list[str]:
     values = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [v for v in values if v not in CONDITIONS]
@@ -184,7 +220,7 @@ def condition_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m blockdpr.reproduce",
         description="Reproduce Figure 1 of Mostafa & Wang (DPR on WRN-28-2, CIFAR-10): plan and run the matrix of "
                     "runs (skipping finished ones, resuming interrupted ones), then write the table and figures.",
@@ -192,60 +228,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("matrix (paper defaults)")
     presets.add_preset_argument(g)
-    add_list_argument(g, "--sparsities", type=float, default=[0.9, 0.8], metavar="S,S")
+    add_list_argument(g, "--sparsities", type=float, default=[0.9, 0.8], metavar="S,S",
+                      help="sparsities of the sparse tensors, each in (0, 1) (default: 0.9,0.8)")
     g.add_argument("--trials", type=int, default=5, help="trials (seeds) per condition")
     g.add_argument("--first-seed", type=int, default=0, help="trial k uses seed first-seed + k")
-    g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS),
-                   help=f"subset of {','.join(CONDITIONS)} (stop: the stop-epoch sweep); dependencies are added")
+    g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS), metavar="C,C",
+                   help=f"conditions to run, from {','.join(CONDITIONS)} (stop: the stop-epoch sweep); what they "
+                        f"depend on is added (default: all of them)")
     g.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
                    help="epochs of every run but gmp; the paper's schedule is scaled by epochs / 200 (e.g. --epochs 30)")
-    add_list_argument(g, "--stop-epochs", type=int, default=list(PAPER_STOP_EPOCHS),
-                   help="the stop-epoch sweep in epochs of the 200-epoch schedule (scaled with --epochs)")
-    g.add_argument("--gmp-epochs", type=int, default=None,
+    add_list_argument(g, "--stop-epochs", type=int, default=list(PAPER_STOP_EPOCHS), metavar="E,E",
+                      help="the stop-epoch sweep in epochs of the 200-epoch schedule, scaled with --epochs (default: "
+                           + ",".join(map(str, PAPER_STOP_EPOCHS)) + ")")
+    g.add_argument("--pruned-fraction", type=float, default=None, metavar="F",
+                   help="DPR's N_p (units pruned per reallocation) as a fraction of the active units (default: the "
+                        "paper's, 20,000 of WRN-28-2's active weights at the run's sparsity: 0.138 at 0.9)")
+    g.add_argument("--target-pruned", type=int, default=None, metavar="N",
+                   help="DPR's N_p as an absolute count of units instead (must be below the active units)")
+    g.add_argument("--gmp-epochs", type=int, default=None, metavar="E",
                    help=f"gmp fine-tuning epochs (default: the paper's {GMP_PAPER_EPOCHS}, whatever --epochs; "
                         "other values scale its pruning and lr schedule)")
 
     g = p.add_argument_group("execution")
-    g.add_argument("--root", type=Path, default=None, help="directory of the run directories (default runs/figure1-e<epochs>)")
-    g.add_argument("--results", type=Path, default=None,
-                   help="where the table and figures are written (default results/<name of --root, or of the first "
-                        "--aggregate-only DIR>)")
-    g.add_argument("--trials-per-process", type=int, default=10,
-                   help="most runs trained together in one process (one stacked model; see --benchmark)")
+    g.add_argument("--root", type=Path, default=None, metavar="DIR",
+                   help="directory of the run directories (default: runs/figure1-e<epochs>, or the preset's)")
+    g.add_argument("--results", type=Path, default=None, metavar="DIR",
+                   help="where the table and figures are written (default: results/<preset> for a preset in its own "
+                        "root, else --root, or the first --aggregate-only DIR)")
+    g.add_argument("--trials-per-process", type=int, default=None, metavar="T",
+                   help="most runs trained together in one process (one stacked model; see --benchmark) (default: "
+                        + ", ".join(f"{n} on {device}" for device, n in TRIALS_PER_PROCESS.items())
+                        + ", as measured: see the README)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of the training (torch.set_num_threads) (default: torch's, one per core). On a "
+                        "CPU shared with other jobs 1 is several times faster than oversubscribed cores")
     g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop (checkpointed) after SECONDS; the same command continues later")
     g.add_argument("--no-fork", dest="fork", action="store_false",
                    help="train each DPR-stopped-at-E run from scratch instead of continuing its DPR run's checkpoint "
                         "after epoch E (the same run up to E: forking saves E epochs of each)")
-    g.add_argument("--dry-run", action="store_true", help="print the plan and the status of each run, run nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan and its predicted time (measured on this machine), train and write nothing")
     g.add_argument("--aggregate-only", nargs="*", type=Path, default=None, metavar="DIR",
                    help="only aggregate finished runs in DIR(s) (default: --root) into the table and figures")
 
     g = p.add_argument_group("training (passed to every run)")
-    g.add_argument("--data", type=Path, default=None, help="CIFAR-10 source (default: the bundled JPEG q75 zip)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--depth", type=int, default=28)
-    g.add_argument("--width", type=int, default=2)
-    g.add_argument("--batch-size", type=int, default=100)
-    g.add_argument("--train-subset", type=int, default=None, metavar="N", help="smoke runs: first N training images")
-    g.add_argument("--test-subset", type=int, default=None, metavar="N", help="smoke runs: first N test images")
+    g.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="CIFAR-10 source (default: the bundled data/cifar10-jpeg-q75.zip)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA if available)")
+    g.add_argument("--depth", type=int, default=28, help="WRN depth, 6n + 4 (10, 16, 22, 28, ...)")
+    g.add_argument("--width", type=int, default=2, help="WRN width multiplier")
+    g.add_argument("--batch-size", type=int, default=100, help="training batch per run")
+    g.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on the first N training images (default: all 50,000)")
+    g.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="evaluate on the first N test images (default: all 10,000)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (the paper trains in fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile each process's model")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture each process's training step and evaluation as CUDA graphs (CUDA only; not with --compile)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (a line per epoch only)")
     g.add_argument("--train-args", type=shlex.split, default=[], metavar="'FLAGS'",
                    help="more blockdpr.train flags for every run, after the planned ones (so they override them), "
-                        "e.g. '--keep-momentum' or '--realloc-periods 0:50'")
+                        "e.g. '--keep-momentum' or '--realloc-periods 0:50' (default: none)")
 
     g = p.add_argument_group("throughput")
     g.add_argument("--benchmark", action="store_true",
                    help="measure aggregate training img/s of element-mode DPR for each --bench-trials, then exit")
-    add_list_argument(g, "--bench-trials", type=int, default=[1, 4, 8, 16],
-                   help="trials per process to measure (the first is the baseline)")
-    g.add_argument("--bench-images", type=int, default=10_000, help="training images per epoch in the benchmark")
-    g.add_argument("--bench-epochs", type=int, default=2, help="epochs per measurement (the last one is reported)")
-    g.add_argument("--bench-out", type=Path, default=None, help="also write the measurements as JSON here")
+    add_list_argument(g, "--bench-trials", type=int, default=[1, 4, 8, 16], metavar="T,T",
+                      help="trials per process to measure, the first is the baseline (default: 1,4,8,16)")
+    g.add_argument("--bench-images", type=int, default=10_000, metavar="N", help="training images per epoch in the benchmark")
+    g.add_argument("--bench-epochs", type=int, default=2, metavar="E", help="epochs per measurement (the last one is reported)")
+    g.add_argument("--bench-out", type=Path, default=None, metavar="PATH", help="also write the measurements as JSON here")
     return p
 
 
@@ -253,13 +307,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     presets.apply_preset(parser, argv)
     opts = parser.parse_args(argv)
+    opts.argv = list(sys.argv[1:] if argv is None else argv)
     errors = []
     if opts.trials < 1:
         errors.append("--trials must be >= 1")
     if opts.epochs < 1:
         errors.append("--epochs must be >= 1")
+    if opts.trials_per_process is None:
+        opts.trials_per_process = TRIALS_PER_PROCESS.get(resolve_device(opts.device).type, 1)
     if opts.trials_per_process < 1:
         errors.append("--trials-per-process must be >= 1")
+    if opts.threads is not None and opts.threads < 1:
+        errors.append("--threads must be >= 1")
+    if opts.pruned_fraction is not None and not 0 < opts.pruned_fraction < 1:
+        errors.append(f"--pruned-fraction must be in (0, 1), got {opts.pruned_fraction}")
+    if opts.pruned_fraction is not None and opts.target_pruned is not None:
+        errors.append("--pruned-fraction and --target-pruned exclude each other (give N_p one way)")
+    if opts.target_pruned is not None and opts.target_pruned < 1:
+        errors.append(f"--target-pruned must be >= 1, got {opts.target_pruned}")
     if opts.gmp_epochs is not None and opts.gmp_epochs < 1:
         errors.append("--gmp-epochs must be >= 1")
     bad = [s for s in opts.sparsities if not 0 < s < 1]
@@ -285,11 +350,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "gmp" in conditions:
         conditions.add("dense")
     opts.conditions = [c for c in CONDITIONS if c in conditions]
-    opts.schedule = Schedule.scaled_from_paper(opts.epochs, opts.stop_epochs, opts.gmp_epochs)
+    opts.schedule = Schedule.scaled_from_paper(opts.epochs, opts.stop_epochs, opts.gmp_epochs, iterations_per_epoch(opts))
+    try:
+        opts.reallocation = {s: reallocation_schedule(opts, s) for s in opts.sparsities}
+    except ValueError as e:  # an absolute N_p at or above the active units
+        parser.error(str(e))
     if opts.root is None:
         opts.root = Path("runs") / f"figure1-e{opts.epochs}"
-    if opts.results is None:
-        opts.results = Path("results") / (opts.aggregate_only[0] if opts.aggregate_only else opts.root).resolve().name
+    if opts.results is None:  # only a preset, in its own root, writes to the tracked results/
+        own_root = opts.preset and opts.root == presets.PRESETS[opts.preset]["root"]
+        opts.results = Path("results") / opts.preset if own_root else (
+            opts.aggregate_only[0] if opts.aggregate_only else opts.root)
     return opts
 
 
@@ -299,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     for signal N)."""
     try:
         return run_main(argv)
-    except (ConfigError, CheckpointError, train_lib.DataError, OSError) as e:
+    except (ConfigError, CheckpointError, train_lib.DataError, ReportError, OSError) as e:
         raise train_lib.error_exit(e.errors if isinstance(e, ConfigError) else [str(e)], 2) from None
     except train_lib.Diverged as e:
         raise train_lib.error_exit([f"training diverged: {e}"], 1) from None
@@ -308,27 +379,43 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + e.signum) from None
 
 
+def print_schedule(opts: argparse.Namespace) -> None:
+    """The schedule of the matrix, and how much each sparsity's DPR runs will reallocate."""
+    s = opts.schedule
+    parts = [f"schedule: {s.epochs} epochs, lr x0.2 at {list(s.milestones)}, realloc periods {s.realloc_periods} "
+             f"(iterations, {iterations_per_epoch(opts)} an epoch), DPR stop {s.dpr_stop}"]
+    if "stop" in opts.conditions:
+        parts.append(f"stop sweep {list(s.stop_epochs)}")
+    if "gmp" in opts.conditions:
+        parts.append(f"gmp {s.gmp_epochs} epochs, {s.gmp_steps} prunings every {s.gmp_interval}, lr {s.gmp_lr}")
+    console.print("; ".join(parts), highlight=False)
+    if {"dpr", "stop"} & set(opts.conditions):
+        for sparsity, r in opts.reallocation.items():
+            console.print(f"DPR at sparsity {sparsity}: {r.reallocations} reallocations per run, N_p = {r.target_pruned:,} "
+                          f"of {r.active_units:,} active units ({r.pruned_fraction:.3f})", highlight=False)
+
+
 def run_main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     if opts.benchmark:
         benchmark(opts)
         return 0
     if opts.aggregate_only is not None:
-        rows = report(opts.aggregate_only or [opts.root], opts.results)
+        roots = opts.aggregate_only or [opts.root]
+        rows = report(roots, opts.results)
         if opts.preset:
-            presets.write_report(rows, opts.results)
+            presets.write_report(rows, opts.results, opts.preset, roots)
         return 0
-    s = opts.schedule
-    console.print(f"schedule: {s.epochs} epochs, lr x0.2 at {list(s.milestones)}, realloc periods {s.realloc_periods}, "
-                  f"DPR stop {s.dpr_stop}, stop sweep {list(s.stop_epochs)}; gmp {s.gmp_epochs} epochs, {s.gmp_steps} "
-                  f"prunings every {s.gmp_interval}, lr {s.gmp_lr}")
+    print_schedule(opts)
     complete = execute(opts)
     if opts.dry_run:
         return 0
     if any(opts.root.rglob("summary.json")):
         rows = report([opts.root], opts.results)
         if opts.preset:
-            presets.write_report(rows, opts.results)
+            presets.write_report(rows, opts.results, opts.preset, [opts.root])
     if not complete:
         console.print("[yellow]not every run is finished[/yellow]: run the same command again to continue")
         return 3

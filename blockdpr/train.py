@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsity", type=float, default=d.sparsity, help="sparsity of the sparse tensors (the 3x3 convs of the residual blocks); "
                         "reinit / orig-init: that of --structure-from")
     g.add_argument("--target-pruned", type=int, default=None,
-                   help="N_p: target units pruned per reallocation (default: 20,000 weights: 20,000 in element mode, "
-                        "round(20,000 / block-size^2) blocks in block mode)")
+                   help="N_p: target units pruned per reallocation, below the active units (default: the paper's "
+                        "fraction of the active weights or blocks, 20,000 of WRN-28-2's: 20,000 on WRN-28-2, 1,016 on "
+                        "WRN-10-1; blockdpr/sparsity/schedule.py)")
     g.add_argument("--tolerance", type=float, default=d.tolerance, help="delta: H adapts when pruned count leaves N_p (1 +- delta)")
     g.add_argument("--initial-threshold", type=float, default=d.initial_threshold, help="H at the start")
     g.add_argument("--realloc-periods", type=lambda s: piecewise(s, int), metavar="E:P,E:P",

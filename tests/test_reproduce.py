@@ -31,7 +31,7 @@ def test_schedule_is_the_paper_at_200_epochs_and_scaled_below():
 
     short = Schedule.scaled_from_paper(30)
     assert short.milestones == (9, 18, 24)
-    assert short.realloc_periods == "0:100,4:200,12:400,21:800"
+    assert short.realloc_periods == "0:39,4:77,12:155,21:310", "periods x sqrt(30 x 500 / 100,000)"
     assert short.dpr_stop == 29
     assert short.stop_epochs == (2, 3, 6, 9, 12, 15, 18, 21, 24, 27)
     assert short.gmp_epochs == 48, "gmp keeps its own schedule unless --gmp-epochs"
@@ -94,10 +94,11 @@ def test_aggregation_mean_std_n_and_figures_from_summaries(tmp_path, capsys):
     results = tmp_path / "results"
     assert main(["--aggregate-only", str(root), "--results", str(results)]) == 0
     table = (results / "figure1.md").read_text()
-    assert "| DPR | 0.9 | 29 | 30 | 92.00 +- 2.00 | 3 | 93.59 +- 0.17 |" in table
-    assert "| static random structure | 0.9 |  | 30 | 88.00 | 1 | 92.04 +- 0.31 |" in table
-    assert "30 + 48 fine-tuning" in table
-    assert (results / "figure1.csv").read_text().startswith("condition,sparsity,stop_epoch")
+    assert "## Figure 1: WRN-?-?, 30 epochs, ? training images, CIFAR-10 (JPEG q75)" in table, "what ran, as known"
+    assert "| DPR | 0.9 | 29 | 92.00 +- 2.00 | 3 |  | 93.59 +- 0.17 |" in table
+    assert "| static random structure | 0.9 |  | 88.00 | 1 |  | 92.04 +- 0.31 |" in table
+    assert "| compressed (gradual pruning) (48 fine-tuning epochs) | 0.9 |" in table
+    assert (results / "figure1.csv").read_text().startswith("model,schedule,train_images,condition,sparsity,stop_epoch")
     for name in ("figure1a.png", "figure1b.png"):
         assert (results / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -107,6 +108,7 @@ def test_end_to_end_tiny_matrix_skips_and_resumes(tmp_path, tiny_cifar, monkeypa
     argv = ["--data", str(tiny_cifar), "--depth", "10", "--width", "1", "--batch-size", "20", "--train-subset", "60",
             "--test-subset", "20", "--device", "cpu", "--no-progress", "--epochs", "2", "--gmp-epochs", "2",
             "--trials", "2", "--sparsities", "0.9", "--stop-epochs", "100", "--root", str(root), "--results", str(results),
+            "--trials-per-process", "10",
             "--train-args", "--realloc-periods 0:1 --target-pruned 300"]
     calls = []
     real = reproduce.train_lib.train_trials
@@ -136,9 +138,12 @@ def test_end_to_end_tiny_matrix_skips_and_resumes(tmp_path, tiny_cifar, monkeypa
     reinit = json.loads((root / "reinit-s0.9-seed0" / "config.json").read_text())
     assert reinit["init_seed"] != 0, "reinit must not reuse the DPR run's initial values"
     table = (results / "figure1.md").read_text()
-    for label in ("DPR", "final structure + random re-init", "final structure + original init", "static random structure",
-                  "DPR stopped at epoch E", "compressed (gradual pruning)", "dense"):
+    for label in ("final structure + random re-init", "final structure + original init", "static random structure",
+                  "compressed (gradual pruning) (2 fine-tuning epochs)", "dense"):
         assert f"| {label} |" in table
+    for label in ("DPR", "DPR stopped at epoch E"):  # 3 steps an epoch: 6 and 3 reallocations
+        assert f"| {label} (almost no reallocation: in effect static) |" in table
+    assert "## Figure 1: WRN-10-1, 2 epochs, 60 training images" in table
     assert "| 2 |" in table  # n = 2 trials
     for name in ("figure1a.png", "figure1b.png"):
         assert (results / name).read_bytes()[:8] == PNG_MAGIC
@@ -173,27 +178,52 @@ def test_benchmark_reports_aggregate_throughput(tmp_path, tiny_cifar):
     (["--conditions", "dpr,foo"], "unknown condition(s) ['foo']"),
     (["--trials", "0"], "--trials must be >= 1"),
     (["--epochs", "x"], "invalid int value"),
+    (["--depth", "10", "--width", "1", "--target-pruned", "20000"], "--target-pruned 20,000 is not below the 7,370 active"),
+    (["--pruned-fraction", "1.5"], "--pruned-fraction must be in (0, 1)"),
+    (["--pruned-fraction", "0.2", "--target-pruned", "100"], "exclude each other"),
 ])
-def test_bad_flags_are_named(flags, message, capsys):
+def test_bad_flags_are_named(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(flags)
+        main([*flags, "--root", str(tmp_path / "r")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "refused before anything is written"
 
 
-def test_aggregate_only_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no finished runs"):
-        main(["--aggregate-only", str(tmp_path), "--results", str(tmp_path / "r")])
+def test_the_plan_gives_dpr_runs_the_derived_periods_and_n_p(tmp_path):
+    opts = parse_args(["--preset", "figure1-cpu", "--root", str(tmp_path)])
+    runs = {r.out.name: r for r in plan(opts)}
+    assert opts.schedule.realloc_periods == "0:11,2:22,5:44,8:88"
+    config = trial_config(runs["dpr-s0.9-seed0"], opts)
+    assert config.realloc_periods == ((0, 11), (2, 22), (5, 44), (8, 88)) and config.dpr_stop_epoch == 11
+    assert config.target_pruned == 1_016 and opts.reallocation[0.9].reallocations == 41
+    assert trial_config(runs["static-s0.9-seed0"], opts).target_pruned == 1_016, "one N_p: they stack"
+    explicit = parse_args(["--preset", "figure1-cpu", "--root", str(tmp_path), "--target-pruned", "500"])
+    assert trial_config(plan(explicit)[3], explicit).target_pruned == 500
+    assert trial_config(runs["dpr-s0.9-seed0"], parse_args(
+        ["--preset", "figure1-cpu", "--root", str(tmp_path), "--train-args", "--target-pruned 300"])).target_pruned == 300
+
+
+def test_aggregate_only_without_runs_is_a_clear_error(tmp_path, capsys):
+    for where, message in ((tmp_path, "no finished runs"), (tmp_path / "missing", "no such directory")):
+        with pytest.raises(SystemExit) as e:
+            main(["--aggregate-only", str(where), "--results", str(tmp_path / "r")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_help_and_dry_run_from_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "--aggregate-only" in out.stdout and "--trials-per-process" in out.stdout
     out = subprocess.run([sys.executable, "-m", "blockdpr.reproduce", "--dry-run", "--epochs", "30", "--trials", "1",
-                          "--depth", "10", "--width", "1", "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
+                          "--depth", "10", "--width", "1", "--batch-size", "10", "--device", "cpu", "--root",
+                          str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "plan: 31 runs" in out.stderr and "predicted training time on this machine" in out.stderr
-    assert [p.name for p in (tmp_path / "r").iterdir()] == ["throughput.json"], "a dry run trains nothing"
+    assert "plan: 31 runs" in out.stderr and "predicted time on this machine" in out.stderr
+    assert "run directory:" not in out.stderr, "the measurement's temporary runs are not shown"
+    assert not (tmp_path / "r").exists(), "a dry run writes nothing"
 
 
 def test_a_forked_stop_run_equals_one_trained_from_scratch(tmp_path, tiny_cifar, float64):
@@ -234,3 +264,11 @@ def test_training_flags_reach_every_run(tmp_path):
     opts = parse_args(["--root", str(tmp_path), "--cuda-graph", "--device", "cpu"])
     with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA device"):  # passed on, and refused on a CPU
         trial_config(plan(opts)[0], opts)
+
+
+def test_trials_of_one_process_get_one_summary_table(capsys):
+    from blockdpr.loop import print_summaries
+    print_summaries([{"seed": s, "final_test_acc": 0.5 + s / 100, "reallocations": 41} for s in range(5)])
+    err = capsys.readouterr().err
+    assert err.count("run summaries (5 trials)") == 1 and "run summary\n" not in err
+    assert all(f"seed {s}" in err for s in range(5)) and "0.5400" in err

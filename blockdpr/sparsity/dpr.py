@@ -39,11 +39,10 @@ from .element import ElementSparsity
 from .packed import BlockSparsity, _replace_in_optimizer, check_block, to_block_sparse
 from .reallocator import DPRConfig, ReallocationResult, Reallocator
 from .rules import RULES, DropAndGrow, DropGrowResult
+from .schedule import PAPER_REALLOC_PERIODS  # the paper's period by epoch: ((epoch, P), ...)
 from .select import seeded_generator
 from .structure import SparseStructure, reallocate_structures
 
-# The paper's reallocation period by epoch (Mostafa & Wang, WRN-28-2 on CIFAR-10): ((epoch, P), ...).
-PAPER_REALLOC_PERIODS = ((0, 100), (25, 200), (80, 400), (140, 800))
 # The paper's N_p = 20,000 as a fraction of WRN-28-2's 145,152 active weights at sparsity 0.9.
 PAPER_TARGET_FRACTION = 0.138
 
