@@ -8,18 +8,13 @@ import torch.nn.functional as F
 
 from blockdpr import DPR
 from blockdpr.sparsity.packed import BlockSparsity
-from test_dpr import Net, batches, state_tensors
+from test_dpr import batches, state_tensors
+from test_dpr import make as make_net
 
 
 def make(rule, optimizer="sgd", seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Net()
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-    kw = {"period": 2, "rule": rule, "alpha": 0.3, **({"t_end": 9} if rule == "rigl" else {}), **kw}
-    return model, opt, DPR(model, opt, **kw)
+    """test_dpr's Net and optimizer under `rule` (update every 2 steps; rigl until step 9)."""
+    return make_net(optimizer, seed, **{"rule": rule, "alpha": 0.3, **({"t_end": 9} if rule == "rigl" else {}), **kw})
 
 
 def step(model, opt, dpr, x, y):
