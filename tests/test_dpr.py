@@ -270,7 +270,7 @@ def test_compiled_block_model_recompiles_once_for_the_dynamic_block_count(monkey
     shapes dynamo compiles once more (the block count becomes symbolic), then never again."""
     from torch._dynamo.testing import CompileCounter
 
-    monkeypatch.setattr(torch._dynamo.config, "force_parameter_static_shapes", False)
+    monkeypatch.setattr(torch._dynamo.config, "force_parameter_static_shapes", False, raising=False)
     torch._dynamo.reset()
     model, opt, dpr = make(sparsity=0.5, period=1, granularity="block", block=16, target_pruned=2, initial_threshold=0.1)
     counter = CompileCounter()
