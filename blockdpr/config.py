@@ -173,9 +173,9 @@ class RunConfig:
         need(self.distribution in DISTRIBUTIONS, "distribution", f"one of {DISTRIBUTIONS}", self.distribution)
         if self.rule != "dsr" and self.mode != "dpr":
             e.append(f"--rule {self.rule} reallocates: it needs --mode dpr (the structure of --mode {self.mode} is fixed)")
-        if self.rule == "rigl" and self.granularity == "block":
-            e.append("--rule rigl in block mode is not in the training CLI yet (blockdpr.DPR has it: its dense "
-                     "gradient capture hooks the layers of a plain model, not the stacked trials' model)")
+        if self.rule == "rigl" and self.granularity == "block" and self.compile:
+            e.append("--rule rigl in block mode hooks the layers at its update steps (the dense weight gradient), "
+                     "which would recompile the model each time: drop --compile")
         if self.rule == "rigl" and self.cuda_graph:
             e.append("--rule rigl reads the gradient of its update steps outside the captured step: drop --cuda-graph")
         if self.mode == "dpr" and self.target_pruned is not None and not e:  # the model is buildable

@@ -43,6 +43,9 @@ class Engine:
         self.dist = dist = dist or Distributed()
         if cfg.cuda_graph and dist.enabled:
             raise ConfigError(["--cuda-graph trains one rank per process only (no torchrun)"])
+        if dist.enabled and cfg.granularity == "block" and any(c.rule == "rigl" for c in configs):
+            raise ConfigError(["--rule rigl in block mode grows by a dense gradient that is not averaged over "
+                               "ranks: train it on one rank (no torchrun)"])
         self.device = device = resolve_device(cfg.device, dist.local_rank)
         if data is None:
             data = data_lib.load_cifar10(cfg.data, download=cfg.download, progress=not cfg.no_progress)
@@ -150,7 +153,7 @@ class Engine:
         idx = self.orders[:, step * bs:(step + 1) * bs]  # [T, B]; every rank draws the whole batch, trains on its share
         generators = [seeded_generator(self.device, c.seed, self.global_step) for c in self.configs]
         x = data_lib.augment_trials(data.train_images[idx], generators)  # [B, T * 3, 32, 32]
-        self.step_fn.score_gradients = [dpr for dpr in self.dprs if dpr is not None and dpr.needs_gradients_next()]
+        self.step_fn.score_gradients = [dpr for dpr in self.dprs if dpr is not None and dpr.prepare_step()]
         self.step_fn(dist.shard(x), dist.shard(data.train_labels[idx].T))
         self.global_step += 1
         due = [t for t, dpr in enumerate(self.dprs) if dpr is not None and dpr.advance()]

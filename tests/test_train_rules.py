@@ -57,7 +57,8 @@ def test_erk_distribution_is_recorded_and_not_uniform(tmp_path, tiny_cifar):
 
 @pytest.mark.parametrize("flags,message", [
     (["--rule", "set", "--mode", "static"], "--rule set reallocates: it needs --mode dpr"),
-    (["--rule", "rigl", "--granularity", "block", "--block-size", "16"], "--rule rigl in block mode"),
+    (["--rule", "rigl", "--granularity", "block", "--block-size", "16", "--compile"], "drop --compile"),
+    (["--rule", "rigl", "--cuda-graph"], "drop --cuda-graph"),
     (["--alpha", "0"], "--alpha must be in (0, 1]"),
 ])
 def test_bad_rule_flags_are_named(tmp_path, tiny_cifar, capsys, flags, message):
@@ -79,3 +80,32 @@ def test_trials_of_different_rules_train_in_one_process_as_they_would_alone(tmp_
         main([*flags, *f, "--out", str(tmp_path / f"alone{i}")])
         assert metric_rows(tmp_path / f"alone{i}")[-1]["weights_moved"] > 0
         assert_runs_match(tmp_path / f"group{i}", tmp_path / f"alone{i}")
+
+
+def test_block_rigl_trains_through_the_cli_with_dense_work_only_at_its_updates(tmp_path, tiny_cifar, monkeypatch):
+    """--rule rigl --granularity block: blocks move, every layer keeps its block count, the dense weight
+    gradient is captured at the update steps only (counted), and a stopped run resumes bit-identically."""
+    from blockdpr.sparsity import dense_grad
+    captured = []
+    enter = dense_grad.DenseGradCapture.__enter__
+    monkeypatch.setattr(dense_grad.DenseGradCapture, "__enter__", lambda self: captured.append(1) or enter(self))
+    block = ["--granularity", "block", "--block-size", "16"]
+    data = ["--data", str(tiny_cifar), "--epochs", "2", *block]
+    whole, _ = run(tmp_path, "whole", *data, "--realloc-periods", "0:3", "--rule", "rigl")
+    rows = metric_rows(whole)
+    updates = sum(r["reallocations"] for r in rows)
+    assert 0 < updates < 20, "an update every 3 of the 20 steps, until 75% of the run"
+    assert len(captured) == updates, f"dense gradient captured at {len(captured)} steps, for {updates} updates"
+    assert sum(r["weights_moved"] for r in rows) > 0, "rigl must move blocks"
+    final = torch.load(whole / "final_masks.pt", weights_only=True)
+    static, _ = run(tmp_path, "static", *data, "--mode", "static")
+    static_masks = torch.load(static / "final_masks.pt", weights_only=True)
+    assert {k: int(m.sum()) for k, m in final.items()} == {k: int(m.sum()) for k, m in static_masks.items()}
+    assert any(not torch.equal(final[k], static_masks[k]) for k in final)
+    part = tmp_path / "part"
+    assert main([*TINY, "--out", str(part), *data, "--realloc-periods", "0:3", "--rule", "rigl",
+                 "--stop-after", "0"]) is None
+    for _ in range(3):  # stops after steps 1-4: the first update (step 3) straddles a resume
+        main(["--out", str(part), "--resume", "--stop-after", "0"])
+    main(["--out", str(part), "--resume"])
+    assert_runs_match(part, whole)

@@ -170,7 +170,7 @@ class DPR:
             count = resolve_target(target_pruned, lambda: int(structure.flat_mask().sum()))
             self.reallocator = Reallocator(structure.segments.sizes, DPRConfig(count, tolerance, initial_threshold),
                                            self.seed, structure.segments.device)
-        self._open_capture_if_due()
+        self.prepare_step()
 
     @property
     def rule(self) -> str | None:
@@ -187,7 +187,7 @@ class DPR:
         self.optimizer.step()
         self.mask_weights()
         result = self.reallocate(grads) if self.advance() else None
-        self._open_capture_if_due()
+        self.prepare_step()
         return result
 
     def needs_gradients_next(self) -> bool:
@@ -195,11 +195,16 @@ class DPR:
         magnitudes (gradient_scores) after backward and before mask_gradients."""
         return self.drop_and_grow is not None and self.drop_and_grow.needs_gradients and self._due(self.steps + 1)
 
-    def _open_capture_if_due(self) -> None:
-        """Block-mode RigL: hook the sparse layers for the next step's forward and backward when it
-        ends with an update (the packed gradient has the active blocks only)."""
-        if isinstance(self.structure, BlockSparsity) and self._capture is None and self.needs_gradients_next():
+    def prepare_step(self) -> bool:
+        """Before the forward of the next optimizer step: whether that step ends with a RigL update
+        (needs_gradients_next), and for block-mode RigL, if so, hook the sparse layers for its forward
+        and backward (the packed gradient has the active blocks only; see DenseGradCapture). step()
+        calls it; a loop that drives DPR without step() (advance / reallocate) calls it before each
+        forward and, when it returns True, gradient_scores() after that backward."""
+        due = self.needs_gradients_next()
+        if due and isinstance(self.structure, BlockSparsity) and self._capture is None:
             self._capture = DenseGradCapture(dict(zip(self.structure.names, self.structure.layers))).__enter__()
+        return due
 
     def gradient_scores(self) -> torch.Tensor:
         """float [n units]: gradient magnitude of every unit at this step (after backward, before
@@ -310,7 +315,7 @@ class DPR:
         if self._capture is not None:  # hooked for the old step count
             self._capture.__exit__(None, None, None)
             self._capture = None
-        self._open_capture_if_due()
+        self.prepare_step()
 
 
 def _drop_and_grow(rule: str, alpha: float, t_end: int | None) -> DropAndGrow | None:
