@@ -43,6 +43,12 @@ PRESETS: dict[str, dict] = {
     "figure1-cpu": dict(sparsities=[0.9], trials=3, first_seed=0, epochs=12, depth=10, width=1, train_subset=10_000,
                         device="cpu", conditions=["dpr", "reinit", "orig-init", "static", "dense"],
                         root=Path("runs") / "figure1-cpu"),
+    # The rules comparison (blockdpr/rules_matrix.py): 48 runs; the short variant is sized, from the
+    # issue-15 target rate rather than a GPU measurement, to fit one 10-minute GPU command.
+    "rules": dict(rules=["dsr", "set", "rigl", "static"], sparsities=[0.9, 0.8], trials=3, first_seed=0, epochs=30,
+                  root=Path("runs") / "rules"),
+    "rules-short": dict(rules=["dsr", "set", "rigl", "static"], sparsities=[0.9, 0.8], trials=3, first_seed=0,
+                        epochs=10, train_subset=10_000, root=Path("runs") / "rules-short"),
 }
 CIFAR10_TRAIN_IMAGES, CIFAR10_TEST_IMAGES = 50_000, 10_000
 TARGET_IMAGES_PER_SECOND = 100_000  # issue 15: aggregate over stacked trials on one H200
@@ -104,13 +110,15 @@ def duration(seconds: float) -> str:
 
 
 # ---- measured time -------------------------------------------------------------------------
-def _timed_runs(opts: argparse.Namespace, trials: int) -> list[matrix.Run]:
-    """`trials` runs of the plan's first process as reproduce packs it (runs without dependencies
-    that share the first one's group settings), repeated if the plan has fewer."""
+def _timed_runs(opts: argparse.Namespace, trials: int, like: matrix.Run | None = None) -> list[matrix.Run]:
+    """`trials` runs of one process as reproduce packs it (runs without dependencies that share the
+    group settings of `like`, by default the plan's first such run), repeated if the plan has fewer."""
     free = [r for r in matrix.plan(opts) if not r.depends]
     if not free:
         raise ValueError("the plan has no run without dependencies to time")
-    first = group_settings(matrix.trial_config(free[0], opts))
+    first = group_settings(matrix.trial_config(like or free[0], opts))
+    if not any(group_settings(matrix.trial_config(r, opts)) == first for r in free):  # e.g. reinit: timed as DPR
+        first = group_settings(matrix.trial_config(free[0], opts))
     together = sorted((r for r in free if group_settings(matrix.trial_config(r, opts)) == first),
                       key=lambda r: r.condition != "dpr")  # DPR first: it also reallocates
     return [dataclasses.replace(together[i % len(together)], seed=i) for i in range(trials)]
@@ -134,7 +142,8 @@ def device_name(opts: argparse.Namespace) -> str:
     return info["gpu_name"] or f"CPU {info['cpu']} x{info['cpu_count']}"
 
 
-def measure(opts: argparse.Namespace, trials: int, steps: int | None = None, warmup: int | None = None) -> dict:
+def measure(opts: argparse.Namespace, trials: int, steps: int | None = None, warmup: int | None = None,
+            like: matrix.Run | None = None) -> dict:
     """Seconds that one process of `trials` stacked runs of the plan takes, measured on opts.device.
 
     Builds the real training engine (blockdpr.engine.Engine: data, stacked model, DPR objects,
@@ -149,11 +158,14 @@ def measure(opts: argparse.Namespace, trials: int, steps: int | None = None, war
     default_warmup, default_steps = TIMED_STEPS.get(device.type, TIMED_STEPS["cuda"])
     warmup = default_warmup if warmup is None else warmup
     steps = default_steps if steps is None else steps
-    runs = _timed_runs(opts, trials)
+    runs = _timed_runs(opts, trials, like)
     batch = matrix.train_setting(opts, "batch_size")
     test_images = min(opts.test_subset or CIFAR10_TEST_IMAGES, EVAL_IMAGES)
     started = time.perf_counter()
-    engine = Engine(_step_configs(opts, runs, batch * (warmup + steps), test_images))
+    configs = _step_configs(opts, runs, batch * (warmup + steps), test_images)
+    c = configs[0]
+    model = f"WRN-{c.depth}-{c.width}" + (f" block {c.block_size}" if c.granularity == "block" else "")
+    engine = Engine(configs)
     setup = time.perf_counter() - started
     engine.start_epoch(0)
     for step in range(warmup):
@@ -175,7 +187,7 @@ def measure(opts: argparse.Namespace, trials: int, steps: int | None = None, war
     engine.evaluate()
     eval_image = (time.perf_counter() - started) / test_images
     return {"setup": setup, "step": step_seconds, "reallocation": realloc_seconds, "eval_image": eval_image,
-            "trials": trials, "batch_size": batch, "steps": steps, "device": device_name(opts)}
+            "trials": trials, "batch_size": batch, "steps": steps, "device": device_name(opts), "model": model}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -199,8 +211,13 @@ def prediction(runs: list[matrix.Run], opts: argparse.Namespace) -> tuple[float,
     waves = [[r for r in runs if not r.depends and r.status() != "done"],
              [r for r in runs if r.depends and r.status() != "done"]]
     processes = [job for wave in waves for job in matrix.jobs(wave, opts.trials_per_process, opts)]
-    measured = {T: measure(opts, T) for T in sorted({len(job) for job in processes})}
-    seconds = sum(process_seconds(measured[len(job)], max(matrix.run_epochs(r) for r in job), opts) for job in processes)
+    measured = {}  # (group settings, trials) -> measurement: one per kind of process (model, granularity, ...)
+    for job in processes:
+        key = (tuple(group_settings(matrix.trial_config(job[0], opts)).items()), len(job))
+        if key not in measured:
+            measured[key] = measure(opts, len(job), like=job[0])
+    seconds = sum(process_seconds(measured[(tuple(group_settings(matrix.trial_config(job[0], opts)).items()), len(job))],
+                                  max(matrix.run_epochs(r) for r in job), opts) for job in processes)
     return seconds, list(measured.values())
 
 
@@ -217,7 +234,7 @@ def prediction_text(runs: list[matrix.Run], opts: argparse.Namespace) -> str:
              f"{opts.test_subset or CIFAR10_TEST_IMAGES:,} test images an epoch, process set-up), measured now on "
              f"{measured[0]['device']} at batch {measured[0]['batch_size']}:"]
     for m in measured:
-        lines.append(f"  {m['trials']} trial(s) a process: {m['trials'] * m['batch_size'] / m['step']:,.0f} training img/s "
+        lines.append(f"  {m['model']}, {m['trials']} trial(s) a process: {m['trials'] * m['batch_size'] / m['step']:,.0f} training img/s "
                      f"({m['steps']} steps), {m['trials'] / m['eval_image']:,.0f} test img/s, set-up {m['setup']:.1f} s")
     target = predict_seconds(runs, TARGET_IMAGES_PER_SECOND, per_epoch)
     lines.append(f"on one H200 at the {TARGET_IMAGES_PER_SECOND:,} img/s aggregate of issue 15 the training would take "

@@ -126,7 +126,11 @@ def reallocation_schedule(opts: argparse.Namespace, sparsity: float) -> realloc.
 
 
 def plan(opts: argparse.Namespace) -> list[Run]:
-    """Every run of the matrix, in an order that respects the dependencies."""
+    """Every run of the matrix, in an order that respects the dependencies (with --rules: the rules
+    comparison of blockdpr/rules_matrix.py instead of Figure 1)."""
+    if getattr(opts, "rules", None):
+        from .rules_matrix import plan_rules
+        return plan_rules(opts)
     sched: Schedule = opts.schedule
     root: Path = opts.root
     seeds = range(opts.first_seed, opts.first_seed + opts.trials)

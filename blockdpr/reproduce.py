@@ -51,6 +51,7 @@ from .config import ConfigError, RunConfig
 from .matrix import (CONDITIONS, GMP_PAPER_EPOCHS, PAPER_EPOCHS, PAPER_STOP_EPOCHS, Run, Schedule, iterations_per_epoch,
                      jobs, plan, reallocation_schedule, run_epochs, shared_settings, trial_config)
 from .results import ReportError, console, report
+from .rules_matrix import BLOCK as RULES_BLOCK, RULES, aggregate_rules, write_rules_report
 from .run_dir import saved_config
 from .setup import resolve_device
 from .runinfo import atomic_write, atomic_write_json, atomic_write_text
@@ -129,12 +130,16 @@ def execute(opts: argparse.Namespace) -> bool:
         record_session(opts, started=False, seconds=time.perf_counter() - started)
 
 
+def command_text(opts: argparse.Namespace) -> str:
+    return shlex.join(["python", "-m", "blockdpr.reproduce", *opts.argv])
+
+
 def record_session(opts: argparse.Namespace, started: bool, seconds: float | None = None) -> None:
     """Append this command's start or end to <root>/sessions.jsonl (the report's command and wall time)."""
     from datetime import datetime, timezone
 
     record = {"event": "start" if started else "end", "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(["python", "-m", "blockdpr.reproduce", *opts.argv])}
+              "command": command_text(opts)}
     if seconds is not None:
         record["seconds"] = round(seconds, 1)
     opts.root.mkdir(parents=True, exist_ok=True)
@@ -211,6 +216,14 @@ def benchmark(opts: argparse.Namespace) -> list[dict]:
 TRIALS_PER_PROCESS = {"cuda": 10, "cpu": 1}
 
 
+def rule_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [v for v in values if v not in RULES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"expected rules from {','.join(RULES)}, got {text!r}")
+    return values
+
+
 def condition_list(text: str) -> list[str]:
     values = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [v for v in values if v not in CONDITIONS]
@@ -235,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditions", type=condition_list, default=list(CONDITIONS), metavar="C,C",
                    help=f"conditions to run, from {','.join(CONDITIONS)} (stop: the stop-epoch sweep); what they "
                         f"depend on is added (default: all of them)")
+    g.add_argument("--rules", type=rule_list, default=None, metavar="R,R",
+                   help="plan the rules comparison instead of Figure 1: each of these rules (from "
+                        f"{','.join(RULES)}) at each sparsity and seed, in element mode (--width) and block mode "
+                        f"(block {RULES_BLOCK}, --block-width); blockdpr/rules_matrix.py (default: Figure 1)")
+    g.add_argument("--block-width", type=int, default=4,
+                   help="with --rules: the WRN width of the block-mode runs (4: every group of WRN-28-4 has "
+                        f"2 or more block rows of {RULES_BLOCK} channels)")
     g.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
                    help="epochs of every run but gmp; the paper's schedule is scaled by epochs / 200 (e.g. --epochs 30)")
     add_list_argument(g, "--stop-epochs", type=int, default=list(PAPER_STOP_EPOCHS), metavar="E,E",
@@ -402,6 +422,9 @@ def run_main(argv: list[str] | None = None) -> int:
     if opts.benchmark:
         benchmark(opts)
         return 0
+    if opts.aggregate_only is not None and opts.rules:
+        write_rules_report(aggregate_rules(opts.aggregate_only or [opts.root]), opts.results, command_text(opts))
+        return 0
     if opts.aggregate_only is not None:
         roots = opts.aggregate_only or [opts.root]
         rows = report(roots, opts.results)
@@ -412,7 +435,9 @@ def run_main(argv: list[str] | None = None) -> int:
     complete = execute(opts)
     if opts.dry_run:
         return 0
-    if any(opts.root.rglob("summary.json")):
+    if opts.rules and any(opts.root.rglob("summary.json")):
+        write_rules_report(aggregate_rules([opts.root]), opts.results, command_text(opts))
+    elif any(opts.root.rglob("summary.json")):
         rows = report([opts.root], opts.results)
         if opts.preset:
             presets.write_report(rows, opts.results, opts.preset, [opts.root])
