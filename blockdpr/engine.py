@@ -165,8 +165,8 @@ class Engine:
         host sync for all of them)."""
         dprs = [self.dprs[t] for t in due]
         results = DPR.reallocate_all(dprs, [self.step_fn.gradient_scores.get(id(d)) for d in dprs])
-        if self.cfg.granularity == "block":
-            self.invalidate_graphs()  # new packed parameters
+        if any(dpr.structure.params_replaced for dpr in dprs):
+            self.invalidate_graphs()  # block mode gave a layer new packed parameters (its count changed)
         if self.dist.enabled:
             self.dist.check_replicas([dpr.structure.flat_mask() for dpr in dprs], "sparse structures")
         return results
