@@ -165,3 +165,30 @@ def test_the_engine_drops_its_graphs_only_when_a_parameter_was_replaced(tmp_path
     same = all(a is b for a, b in zip(params, trainer.dprs[0].structure.params))
     assert same != recaptures
     assert (len(calls) > 0) == recaptures, f"{len(calls)} invalidations in 5 {rule} reallocations"
+
+
+def test_a_compiled_block_engine_leaves_dynamos_parameter_shape_flag_as_it_was(tmp_path, tiny_cifar, monkeypatch):
+    """The flag is turned off only inside the compiled model's calls (DynamicParameterShapes)."""
+    config = torch._dynamo.config
+    if not hasattr(config, "force_parameter_static_shapes"):
+        pytest.skip("this torch has no force_parameter_static_shapes")
+    monkeypatch.setattr(config, "force_parameter_static_shapes", True, raising=False)
+    seen = []
+
+    class Spy(torch.nn.Module):  # stands in for torch.compile's module: records the flag at each call
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            seen.append(config.force_parameter_static_shapes)
+            return self.model(*args)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Spy(model))  # the scoping, not inductor, is tested
+    trainer = Engine(parse_configs([*TINY, "--data", str(tiny_cifar), "--train-subset", "40", "--test-subset", "20",
+                                    "--granularity", "block", "--block-size", "16", "--compile",
+                                    "--out", str(tmp_path / "run")]))
+    assert config.force_parameter_static_shapes is True
+    trainer.start_epoch(0)
+    trainer.step(0)
+    assert seen and not any(seen), "the compiled calls ran with the flag off"
+    assert config.force_parameter_static_shapes is True, "the process-wide value is restored"
