@@ -160,8 +160,14 @@ def test_the_engine_drops_its_graphs_only_when_a_parameter_was_replaced(tmp_path
     trainer = block_engine(tmp_path, tiny_cifar, rule)
     trainer.start_epoch(0)
     params = list(trainer.dprs[0].structure.params)
-    reallocations = sum(len(trainer.step(step)) for step in range(5))
+    reallocations = sum(len(trainer.step(step)) for step in range(4))
+    with record_work() as work:
+        reallocations += len(trainer.step(4))
     assert reallocations == 5
+    # set: one read of all layers' counts; dsr: the reallocator's counts out and r_i back, then that read
+    # (the host knows the new counts from r_i already: passing them down would save it, not done yet)
+    syncs = {"set": {"tolist": 1}, "dsr": {"numpy": 1, "from_host": 1, "tolist": 1}}[rule]
+    assert work.syncs == collections.Counter(syncs), "no sync per layer in a block-mode reallocation"
     same = all(a is b for a, b in zip(params, trainer.dprs[0].structure.params))
     assert same != recaptures
     assert (len(calls) > 0) == recaptures, f"{len(calls)} invalidations in 5 {rule} reallocations"
@@ -192,3 +198,25 @@ def test_a_compiled_block_engine_leaves_dynamos_parameter_shape_flag_as_it_was(t
     trainer.step(0)
     assert seen and not any(seen), "the compiled calls ran with the flag off"
     assert config.force_parameter_static_shapes is True, "the process-wide value is restored"
+
+
+def test_a_set_run_on_static_buffers_keeps_one_static_call_and_equals_eager(tmp_path, tiny_cifar, monkeypatch):
+    """--cuda-graph semantics on CPU: the step on static buffers (StaticCall static=True, what a graph
+    captures) through 5 set reallocations is never invalidated, reads the same Parameters and buffers
+    throughout, and ends bit-identical to the eager run."""
+    from blockdpr.step import StaticCall
+    calls = []
+    monkeypatch.setattr(Engine, "invalidate_graphs", lambda self: calls.append(1))
+    finals = {}
+    for static in (False, True):
+        trainer = block_engine(tmp_path / str(static), tiny_cifar, "set")
+        trainer.step_fn.call = StaticCall(trainer.step_fn.compute, static=static)
+        trainer.start_epoch(0)
+        params = list(trainer.model.parameters())
+        assert sum(len(trainer.step(step)) for step in range(5)) == 5
+        assert all(a is b for a, b in zip(params, trainer.model.parameters()))
+        if static:
+            assert len(trainer.step_fn.call._buffers) == 1, "one set of static buffers for the whole run"
+        finals[static] = [p.detach().clone() for p in params] + [trainer.step_fn.loss_sum.clone()]
+    assert not calls, f"{len(calls)} invalidations"
+    assert all(torch.equal(a, b) for a, b in zip(finals[False], finals[True]))
