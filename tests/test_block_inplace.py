@@ -125,6 +125,7 @@ def test_a_count_preserving_reallocation_is_in_place_and_equals_the_rebuild():
         assert torch.equal(p.detach(), want["values"])
         assert torch.equal(opt.state[p]["momentum_buffer"], want["momentum_buffer"])
         assert torch.equal(m.layout.mask.reshape(-1), new)
+        assert not p.grad.any(), "a gradient in the old packed order would be stale: zeroed"
     assert [q for g in opt.param_groups for q in g["params"] if q.dim() == 3] == params
 
 

@@ -3,9 +3,10 @@
 The layers are blockdpr_kernels.BlockSparseConv2d / BlockSparseLinear: `values` [nnz, b_out, b_in]
 (the only weight parameter; its gradient and optimizer state have the same packed shape) and a
 BlockLayout of the weight matrix ([C_out, kh * kw * C_in] for a conv, [out, in] for a linear). No dense copy of the weight exists. BlockSparsity is the
-storage the reallocator works on: a reallocation gives each layer a new layout and values
-(`set_layout`) and the optimizer the matching state, survivors keeping both, regrown blocks
-starting at zero with zero state.
+storage the reallocator works on: a reallocation rewrites a layer's values, layout and optimizer
+state in place when its block count is unchanged (`BlockLayout.update_`), else gives it a new
+layout and values (`set_layout`) and the optimizer the matching state; survivors keep both,
+regrown blocks start at zero with zero state.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class BlockSparsity(SparseStructure):
             old = m.values
             if count == m.layout.nnz:
                 old.copy_(_gather_blocks(old.detach(), source))
+                if old.grad is not None:  # in the old order: zero, as the rebuild's new Parameter has none
+                    old.grad.zero_()
                 state = optimizer.state.get(old, {}) if optimizer is not None else {}
                 for v in state.values():
                     if torch.is_tensor(v) and v.shape == old.shape:
