@@ -14,9 +14,11 @@ augmentation and every reallocation; so an engine loaded from a checkpoint conti
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from torch import nn
 
 from . import data as data_lib
 from .config import ConfigError, RunConfig, check_trials, value_at
@@ -74,11 +76,9 @@ class Engine:
                                      "rule": dpr.rule,  # the config's (resume checks it against config.json)
                                      "steps": ckpt["progress"]["global_step"]})
         self.optimizer = sgd(model.parameters(), value_at(cfg.lr_schedule, 0), cfg.momentum, cfg.weight_decay)
-        if cfg.compile and cfg.granularity == "block":
-            # Packed parameters change shape at every reallocation: let dynamo make that dimension
-            # dynamic (one recompile) instead of specialising on each shape.
-            torch._dynamo.config.force_parameter_static_shapes = False
         self.net = torch.compile(model) if cfg.compile else model
+        if cfg.compile and cfg.granularity == "block":
+            self.net = DynamicParameterShapes(self.net)
         self.global_step = 0
         if checkpoints:
             self._load(checkpoints)
@@ -168,8 +168,8 @@ class Engine:
         host sync for all of them)."""
         dprs = [self.dprs[t] for t in due]
         results = DPR.reallocate_all(dprs, [self.step_fn.gradient_scores.get(id(d)) for d in dprs])
-        if self.cfg.granularity == "block":
-            self.invalidate_graphs()  # new packed parameters
+        if any(dpr.structure.params_replaced for dpr in dprs):
+            self.invalidate_graphs()  # block mode gave a layer new packed parameters (its count changed)
         if self.dist.enabled:
             self.dist.check_replicas([dpr.structure.flat_mask() for dpr in dprs], "sparse structures")
         return results
@@ -188,3 +188,21 @@ class Engine:
         """Each trial's test loss and accuracy (rank 0's BN statistics on every rank; one host sync)."""
         self.dist.broadcast_buffers_(self.model)
         return self.evaluation()
+
+
+class DynamicParameterShapes(nn.Module):
+    """Calls a compiled block-mode model with dynamo's `force_parameter_static_shapes` off, for those calls
+    only (the process-wide value is left as it was): a layer whose block count changes at a reallocation
+    gets a new packed Parameter of another shape, and dynamo then makes that dimension dynamic (one
+    recompile) instead of specialising on each shape. train()/eval() reach the compiled model (a child)."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        # The flag is missing in some torch builds (seen once in a fresh venv): nothing to turn off there.
+        flag = hasattr(torch._dynamo.config, "force_parameter_static_shapes")
+        scope = torch._dynamo.config.patch(force_parameter_static_shapes=False) if flag else contextlib.nullcontext()
+        with scope:
+            return self.compiled(*args, **kwargs)

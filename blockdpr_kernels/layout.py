@@ -72,7 +72,7 @@ class BlockLayout:
     on two streams (they share :func:`wgrad_workspace`).
     """
 
-    def __init__(self, mask: torch.Tensor, block: tuple[int, int]):
+    def __init__(self, mask: torch.Tensor, block: tuple[int, int], nnz: int | None = None):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
             raise TypeError(f"mask: expected a 2-D bool tensor, got {_describe(mask)}")
         bn, bk = (int(b) for b in block)
@@ -82,24 +82,31 @@ class BlockLayout:
         self.block = (bn, bk)
         self.grid = (nb, kb)
         self.shape = (nb * bn, kb * bk)
+        # Built on the mask's device; reading the block count is the one sync (none when `nnz` is given,
+        # which must then be the mask's count: a reallocation reads all layers' counts at once).
+        self.nnz = int(mask.sum()) if nnz is None else int(nnz)
         self._mask = mask.clone()
-        # Built on the host from one copy of the mask (the one sync), then copied to the device.
-        host = mask.cpu()
-        rows, cols = host.nonzero(as_tuple=True)  # row-major order
-        self.nnz = int(rows.numel())
-        order = torch.argsort(cols * nb + rows)
-        groups = _runs(rows, wgrad_group(bk), nb)
-
-        def dev(t):
-            return t.to(device=mask.device, dtype=torch.int32)
-        self.row_idx, self.col_idx = dev(rows), dev(cols)
-        self.row_ptr, self.col_ptr = dev(_ptr(rows, nb)), dev(_ptr(cols, kb))
-        before = torch.nn.functional.pad(host.to(torch.int64).cumsum(1), (1, 0))  # blocks left of each column
-        self.row_prefix = dev(before + _ptr(rows, nb)[:-1, None])
-        self.col_perm, self.col_row_idx = dev(order), dev(rows[order])
-        self.wgrad_groups = dev(groups)
+        for name, t in _index_tensors(mask, self.nnz, bk).items():
+            setattr(self, name, t)
         wgrad_workspace(self.nnz * bn * bk, mask.device)  # grown here, at a reallocation, never in a call
-        self.wgrad_counters = torch.zeros(groups.shape[0], dtype=torch.int32, device=mask.device)
+        self.wgrad_counters = torch.zeros(self.wgrad_groups.shape[0], dtype=torch.int32, device=mask.device)
+
+    @torch.no_grad()
+    def update_(self, mask: torch.Tensor) -> None:
+        """Rewrite this layout in place for ``mask`` (bool ``[N // bn, K // bk]`` on the layout's device)
+        holding the same number of blocks: every tensor keeps its storage and size (a captured CUDA
+        graph or compiled call reading them stays valid) and ends equal to ``BlockLayout(mask, block)``'s.
+        No host sync, no host copy. The caller guarantees the count (``mask.sum() == nnz``); a mask with
+        another count gives a wrong layout (build a new one instead)."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != self.grid:
+            raise ValueError(f"mask: expected a bool tensor of the block grid {self.grid}, got {_describe(mask)} "
+                             f"of shape {tuple(getattr(mask, 'shape', ()))}")
+        if mask.device != self.device:
+            raise ValueError(f"mask: expected device {self.device} (the layout's), got {mask.device}")
+        self._mask.copy_(mask)
+        for name, t in _index_tensors(mask, self.nnz, self.block[1]).items():
+            getattr(self, name).copy_(t)
+        self.wgrad_counters.zero_()
 
     @property
     def mask(self) -> torch.Tensor:
@@ -176,9 +183,24 @@ class BlockLayout:
                 f"density={self.nnz / max(1, self.grid[0] * self.grid[1]):.3f}, device={self.device})")
 
 
-def _ptr(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Compressed pointer ``[n + 1]`` (int64) for group ids ``idx`` (int64, host) in ``[0, n)``."""
-    return torch.cat([idx.new_zeros(1), torch.bincount(idx, minlength=n).cumsum(0)])
+def _index_tensors(mask: torch.Tensor, nnz: int, bk: int) -> dict[str, torch.Tensor]:
+    """The int32 index tensors of the layout of ``mask`` (bool ``[nb, kb]``, ``nnz`` True entries), built
+    on the mask's device with no host sync (``nonzero_static`` takes the count instead of reading it)."""
+    nb, kb = mask.shape
+    as_int = functools.partial(torch.Tensor.to, dtype=torch.int32)
+    flat = torch.nonzero_static(mask.reshape(-1), size=nnz).squeeze(1)  # row-major order
+    rows, cols = flat // kb, flat % kb
+    # Column view: (column, row) order, i.e. the row-major order of the transposed mask.
+    by_col = torch.nonzero_static(mask.t().reshape(-1), size=nnz).squeeze(1)
+    col_rows, col_cols = by_col % nb, by_col // nb
+    index = torch.full((nb * kb,), -1, dtype=torch.int64, device=mask.device)
+    index[flat] = torch.arange(nnz, device=mask.device)
+    row_ptr = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0))
+    col_ptr = torch.nn.functional.pad(mask.sum(0).cumsum(0), (1, 0))
+    before = torch.nn.functional.pad(mask.to(torch.int64).cumsum(1), (1, 0))  # blocks left of each column
+    return {"row_idx": as_int(rows), "col_idx": as_int(cols), "row_ptr": as_int(row_ptr), "col_ptr": as_int(col_ptr),
+            "row_prefix": as_int(before + row_ptr[:-1, None]), "col_perm": as_int(index[col_cols + col_rows * kb]),
+            "col_row_idx": as_int(col_rows), "wgrad_groups": as_int(_runs(rows, row_ptr, wgrad_group(bk), nb))}
 
 
 def wgrad_group(bk: int) -> int:
@@ -186,18 +208,20 @@ def wgrad_group(bk: int) -> int:
     return max(1, 64 // bk)
 
 
-def _runs(rows: torch.Tensor, g: int, n_rows: int) -> torch.Tensor:
+def _runs(rows: torch.Tensor, row_ptr: torch.Tensor, g: int, n_rows: int) -> torch.Tensor:
     """``[nnz // g + n_rows + 1, 2]`` int64: first and end packed block of each run of up to ``g``
-    consecutive blocks of one block row (``rows`` sorted, int64, host), then empty runs ``(0, 0)``."""
+    consecutive blocks of one block row (``rows`` sorted, int64; ``row_ptr`` ``[n_rows + 1]`` int64),
+    then empty runs ``(0, 0)``. On the device, with no sync: each run's leading block scatters its run
+    into slot (runs before it); other blocks scatter into a spare last slot that is dropped."""
     nnz = rows.numel()
-    blk = torch.arange(nnz)
-    row_start = torch.searchsorted(rows, rows)
-    row_end = torch.searchsorted(rows, rows, right=True)
+    n_groups = nnz // g + n_rows + 1
+    blk = torch.arange(nnz, device=rows.device)
+    row_start, row_end = row_ptr[rows], row_ptr[rows + 1]
     lead = (blk - row_start) % g == 0
-    out = torch.zeros(nnz // g + n_rows + 1, 2, dtype=torch.int64)
-    runs = torch.stack([blk[lead], torch.minimum(blk + g, row_end)[lead]], 1)
-    out[: runs.shape[0]] = runs
-    return out
+    slot = torch.where(lead, lead.cumsum(0) - 1, n_groups)
+    out = torch.zeros(n_groups + 1, 2, dtype=torch.int64, device=rows.device)
+    out[slot] = torch.stack([blk, torch.minimum(blk + g, row_end)], 1) * lead[:, None]
+    return out[:n_groups]
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,9 +3,10 @@
 The layers are blockdpr_kernels.BlockSparseConv2d / BlockSparseLinear: `values` [nnz, b_out, b_in]
 (the only weight parameter; its gradient and optimizer state have the same packed shape) and a
 BlockLayout of the weight matrix ([C_out, kh * kw * C_in] for a conv, [out, in] for a linear). No dense copy of the weight exists. BlockSparsity is the
-storage the reallocator works on: a reallocation gives each layer a new layout and values
-(`set_layout`) and the optimizer the matching state, survivors keeping both, regrown blocks
-starting at zero with zero state.
+storage the reallocator works on: a reallocation rewrites a layer's values, layout and optimizer
+state in place when its block count is unchanged (`BlockLayout.update_`), else gives it a new
+layout and values (`set_layout`) and the optimizer the matching state; survivors keep both,
+regrown blocks start at zero with zero state.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class BlockSparsity(SparseStructure):
         self.block = self.layers[0].block
         self.segments = Segments([m.layout.mask.numel() for m in self.layers], self.layers[0].values.device)
         self.dense_numels = [torch.Size(m.weight_shape).numel() for m in self.layers]
+        self.params_replaced = False  # by the last set_structure
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -67,21 +69,40 @@ class BlockSparsity(SparseStructure):
     @torch.no_grad()
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
                       optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
-        """Rebuild every layer's packed values, optimizer state and layout for the new masks.
+        """Install the new masks: survivors keep their values and optimizer state, regrown blocks start
+        at zero with zero state, pruned blocks are dropped (keep_momentum has no effect here).
 
-        Each layer gets a new Parameter (the optimizer is updated to hold it), so torch.compile
-        sees a new input rather than a tensor whose shape changed under it. keep_momentum has no
-        effect here: a pruned block's state is dropped with its values.
+        All layers' new block counts come to the host in one read (the reallocation's one sync). A layer
+        whose count is unchanged (always under set and rigl, which conserve each tensor's count) is
+        rewritten in place: the same Parameter and state tensors (gathered with `copy_`) and its layout
+        updated on the device (`BlockLayout.update_`), so a captured step stays valid. A layer whose count
+        changed gets a new Parameter and layout (the optimizer is updated to hold it): torch.compile then
+        sees a new input rather than a tensor whose shape changed under it. `params_replaced` records
+        whether this call replaced any Parameter (the engine recaptures its graphs only then).
         """
-        for m, keep, new in zip(self.layers, self.segments.split(survived), self.segments.split(survived | regrown)):
+        new_masks = self.segments.split(survived | regrown)
+        counts = self.segments.count(survived | regrown).tolist()
+        self.params_replaced = False
+        for m, keep, new, count in zip(self.layers, self.segments.split(survived), new_masks, counts):
             grid = m.layout.grid
-            # Packed index of every grid position in the old layout (-1: inactive or pruned).
-            old_index = torch.full((keep.numel(),), -1, dtype=torch.int64, device=keep.device)
-            old_index[m.layout.mask.reshape(-1)] = torch.arange(m.layout.nnz, device=keep.device)
-            old_index[~keep] = -1
-            source = old_index[new]  # new packed order = row-major over the new mask
+            # Packed index of every grid position in the old layout (-1: inactive or pruned): packed
+            # order is row-major, so it is the count of active blocks before the position.
+            old_mask = m.layout.mask.reshape(-1)
+            old_index = torch.where(keep & old_mask, old_mask.cumsum(0) - 1, -1)
+            source = old_index[torch.nonzero_static(new, size=count).squeeze(1)]  # new packed order: row-major
             old = m.values
-            m.set_layout(BlockLayout(new.view(grid), m.block), _gather_blocks(old.detach(), source))
+            if count == m.layout.nnz:
+                old.copy_(_gather_blocks(old.detach(), source))
+                if old.grad is not None:  # in the old order: zero, as the rebuild's new Parameter has none
+                    old.grad.zero_()
+                state = optimizer.state.get(old, {}) if optimizer is not None else {}
+                for v in state.values():
+                    if torch.is_tensor(v) and v.shape == old.shape:
+                        v.copy_(_gather_blocks(v, source))
+                m.layout.update_(new.view(grid))
+                continue
+            self.params_replaced = True
+            m.set_layout(BlockLayout(new.view(grid), m.block, nnz=count), _gather_blocks(old.detach(), source))
             if optimizer is not None:
                 _replace_in_optimizer(optimizer, old, m.values, lambda t: _gather_blocks(t, source))
 

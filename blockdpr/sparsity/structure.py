@@ -58,6 +58,9 @@ class SparseStructure:
     names: list[str]
     segments: Segments
     dense_numels: list[int]
+    # True when the last set_structure replaced a Parameter (block mode, a layer's count changed):
+    # captured graphs and optimizer references to the old one are stale. Element storage never does.
+    params_replaced: bool = False
 
     # ---- implemented by each storage --------------------------------------------------------
     def flat_mask(self) -> torch.Tensor:
