@@ -90,9 +90,9 @@ def test_prediction_sums_the_processes_as_reproduce_starts_them(parse, monkeypat
     opts = parse(["--preset", "figure1-cpu", "--trials-per-process", "3"])
     runs = matrix.plan(opts)
     fake = {"setup": 2.0, "step": 0.1, "reallocation": 0.5, "eval_image": 0.001, "batch_size": 100, "steps": 8,
-            "device": "test CPU"}
+            "device": "test CPU", "model": "WRN-10-1"}
     measured = []
-    monkeypatch.setattr(preset, "measure", lambda opts, T: measured.append(T) or {**fake, "trials": T})
+    monkeypatch.setattr(preset, "measure", lambda opts, T, like=None: measured.append(T) or {**fake, "trials": T})
     seconds, _ = preset.prediction(runs, opts)
     assert measured == [3], "5 conditions x 3 seeds: 5 processes of 3 (dense+dpr+static stack, then reinit+orig-init)"
     realloc = opts.reallocation[0.9].reallocations
