@@ -169,7 +169,7 @@ class Engine:
         dprs = [self.dprs[t] for t in due]
         results = DPR.reallocate_all(dprs, [self.step_fn.gradient_scores.get(id(d)) for d in dprs])
         if any(dpr.structure.params_replaced for dpr in dprs):
-            self.invalidate_graphs()  # block mode gave a layer new packed parameters (its count changed)
+            self.invalidate_graphs()  # block mode gave its packed storage a new Parameter (a new total)
         if self.dist.enabled:
             self.dist.check_replicas([dpr.structure.flat_mask() for dpr in dprs], "sparse structures")
         return results

@@ -12,9 +12,10 @@ branch that depends on tensor values, so each runs three ways (`StaticCall`):
   shape) and compute runs on those: the same function, the same numbers (tested on CPU);
 - CUDA graph (`graph=True`, CUDA only): as static, but compute is captured once per batch shape
   (after one eager call has created gradients, optimizer state and cuDNN plans) and replayed.
-  Element-mode masks are device tensors updated in place by reallocation, so the graphs stay
-  valid; anything that replaces tensors a graph reads (block mode's repacking at a reallocation,
-  a new lr: SGD reads it as a Python number) must call `invalidate()`, and the next call captures
+  Element-mode masks and block mode's packed storage and layouts are device tensors updated in place
+  by reallocation, so the graphs stay valid; anything that replaces tensors a graph reads (block
+  mode's new storage for a new total under gradual pruning, a new lr: SGD reads it as a Python
+  number) must call `invalidate()`, and the next call captures
   again. Each graph keeps its own memory pool.
 """
 

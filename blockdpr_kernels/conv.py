@@ -391,7 +391,7 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc,
 
 
 def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhwc, kernel_size, stride, padding,
-                allow_tf32):
+                allow_tf32, out=None):
     """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
 
     ``x`` (NHWC sizes ``x_nhwc`` = ``(B, H, W, C_in)``), ``dy`` (``dy_nhwc`` = ``(B, P, Q, C_out)``), memory as
@@ -400,13 +400,14 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
     [n_groups]`` (zeros) for the split reduction, which adds into the device's shared fp32 workspace
     (:func:`~blockdpr_kernels.layout.wgrad_workspace`). The split count and density bucket are the layout's
     (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of these
-    sizes; the SM count is cached per device).
+    sizes; the SM count is cached per device). ``out``: the ``[nnz, bn, bk]`` tensor to write, whose rows
+    outside the groups are left as they are (zeros for a layout sharing a PackedStorage); default a new one.
     """
     (_, h, w, c_in), (b, p, q, c_out) = x_nhwc, dy_nhwc
     bn, bk = block
     nnz = row_idx.shape[0]
     m = b * p * q
-    dv = x.new_empty(nnz, bn, bk)
+    dv = x.new_empty(nnz, bn, bk) if out is None else out
     if nnz == 0 or m == 0:
         return dv.zero_()
     n_groups = groups.shape[0]

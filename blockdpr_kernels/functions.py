@@ -51,9 +51,17 @@ def _first_order(backward):
 
 
 def layout_tensors(layout) -> List[Tensor]:
-    """The ``idx`` list of a :class:`~blockdpr_kernels.BlockLayout` (order: see the module docstring)."""
-    return [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
-            layout.wgrad_groups, layout.wgrad_counters, layout.row_prefix]
+    """The ``idx`` list of a :class:`~blockdpr_kernels.BlockLayout` (order: see the module docstring); a
+    layout sharing a :class:`~blockdpr_kernels.PackedStorage` adds ``owned`` (int32 ``[2]``, its rows of the
+    storage's values), which makes the weight gradient zero outside them."""
+    idx = [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
+           layout.wgrad_groups, layout.wgrad_counters, layout.row_prefix]
+    return idx if layout.owned is None else idx + [layout.owned]
+
+
+def _shared(idx: List[Tensor]) -> bool:
+    """Whether ``idx`` is a shared layout's: its values hold other layouts' rows too."""
+    return len(idx) > 9
 
 
 def block_grid(idx: List[Tensor]):
@@ -82,7 +90,8 @@ def linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
     """Packed ``[nnz, bn, bk]`` gradient of the values."""
     block = tuple(values.shape[1:])
     if backend == "triton":
-        return matmul.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block)
+        return matmul.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block,
+                                  torch.zeros_like(values) if _shared(idx) else None)
     return reference.linear_grad_weight(x, dy, idx[2], idx[1], block)
 
 
@@ -192,7 +201,8 @@ def conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
     block = tuple(values.shape[1:])
     if backend == "triton":
         return conv.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block, _nhwc(x.shape), _nhwc(dy.shape),
-                                kernel_size, stride, padding, _tf32(x))
+                                kernel_size, stride, padding, _tf32(x),
+                                torch.zeros_like(values) if _shared(idx) else None)
     return reference.conv2d_grad_weight(x, dy, idx[2], idx[1], block, kernel_size, stride, padding)
 
 

@@ -85,11 +85,20 @@ class BlockLayout:
         # Built on the mask's device; reading the block count is the one sync (none when `nnz` is given,
         # which must then be the mask's count: a reallocation reads all layers' counts at once).
         self.nnz = int(mask.sum()) if nnz is None else int(nnz)
+        self.offset = 0  # first packed row of this layout's blocks: 0 unless it shares a PackedStorage
+        self.owned = None  # shared layouts: int32 [2], the packed rows [offset, offset + nnz) they own
+        self.storage = None  # shared layouts: the PackedStorage
         self._mask = mask.clone()
         for name, t in _index_tensors(mask, self.nnz, bk).items():
             setattr(self, name, t)
         wgrad_workspace(self.nnz * bn * bk, mask.device)  # grown here, at a reallocation, never in a call
         self.wgrad_counters = torch.zeros(self.wgrad_groups.shape[0], dtype=torch.int32, device=mask.device)
+
+    @property
+    def shared(self) -> bool:
+        """Whether this layout's blocks are rows of a :class:`~blockdpr_kernels.PackedStorage` shared with
+        other layouts (its packed indices are then rows of the storage's values)."""
+        return self.owned is not None
 
     @torch.no_grad()
     def update_(self, mask: torch.Tensor) -> None:
@@ -103,6 +112,8 @@ class BlockLayout:
                              f"of shape {tuple(getattr(mask, 'shape', ()))}")
         if mask.device != self.device:
             raise ValueError(f"mask: expected device {self.device} (the layout's), got {mask.device}")
+        if self.shared:
+            raise ValueError("update_: this layout shares a PackedStorage; change it through PackedStorage.update_")
         self._mask.copy_(mask)
         for name, t in _index_tensors(mask, self.nnz, self.block[1]).items():
             getattr(self, name).copy_(t)
@@ -152,6 +163,8 @@ class BlockLayout:
 
     def to(self, device) -> "BlockLayout":
         """The same layout with its index tensors on ``device``."""
+        if self.shared and torch.device(device) != self.device:
+            raise ValueError("to: a layout sharing a PackedStorage moves with it: build the storage on the new device")
         return BlockLayout(self._mask.to(device), self.block)
 
     def pack(self, dense: torch.Tensor) -> torch.Tensor:
@@ -160,18 +173,26 @@ class BlockLayout:
             raise ValueError(f"dense: expected shape {self.shape}, got {tuple(dense.shape)}")
         if dense.device != self.device:
             raise ValueError(f"dense: expected device {self.device}, got {dense.device}")
-        return gather_blocks(dense, self.row_idx, self.col_idx, self.block)
+        return gather_blocks(dense, *self.local_index(), self.block)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """Dense ``[N, K]`` matrix with ``values`` ``[nnz, bn, bk]`` scattered in, zeros elsewhere."""
-        self.check_values(values)
-        return dense_weight(values, self.row_idx, self.col_idx, self.grid)
+        self.check_values(values, rows=self.nnz)
+        return dense_weight(values, *self.local_index(), self.grid)
 
-    def check_values(self, values: torch.Tensor, name: str = "values") -> None:
-        """Raise if ``values`` is not a ``[nnz, bn, bk]`` tensor on this layout's device."""
+    def local_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row_idx, col_idx)`` of this layout's own blocks, int32 ``[nnz]`` each (the whole tensors unless
+        the layout shares a PackedStorage)."""
+        if not self.shared:
+            return self.row_idx, self.col_idx
+        return self.local_row_idx, self.local_col_idx
+
+    def check_values(self, values: torch.Tensor, name: str = "values", rows: int | None = None) -> None:
+        """Raise if ``values`` is not a ``[rows, bn, bk]`` tensor on this layout's device; ``rows``
+        defaults to what the ops take: ``nnz``, or the storage's rows for a shared layout."""
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(values).__name__}")
-        expected = (self.row_idx.shape[0], *self.block)
+        expected = (self.row_idx.shape[0] if rows is None else rows, *self.block)
         if tuple(values.shape) != expected:
             raise ValueError(f"{name}: expected packed shape [nnz, bn, bk] = {list(expected)} "
                              f"for this layout, got {list(values.shape)}")
@@ -183,9 +204,12 @@ class BlockLayout:
                 f"density={self.nnz / max(1, self.grid[0] * self.grid[1]):.3f}, device={self.device})")
 
 
-def _index_tensors(mask: torch.Tensor, nnz: int, bk: int) -> dict[str, torch.Tensor]:
+def _index_tensors(mask: torch.Tensor, nnz: int, bk: int, offset: int = 0,
+                   n_groups: int | None = None) -> dict[str, torch.Tensor]:
     """The int32 index tensors of the layout of ``mask`` (bool ``[nb, kb]``, ``nnz`` True entries), built
-    on the mask's device with no host sync (``nonzero_static`` takes the count instead of reading it)."""
+    on the mask's device with no host sync (``nonzero_static`` takes the count instead of reading it).
+    Packed indices (row_ptr, col_ptr, row_prefix, col_perm, wgrad_groups) start at ``offset``;
+    ``wgrad_groups`` has ``n_groups`` rows (default: the bound of ``nnz``, see :class:`BlockLayout`)."""
     nb, kb = mask.shape
     as_int = functools.partial(torch.Tensor.to, dtype=torch.int32)
     flat = torch.nonzero_static(mask.reshape(-1), size=nnz).squeeze(1)  # row-major order
@@ -198,9 +222,11 @@ def _index_tensors(mask: torch.Tensor, nnz: int, bk: int) -> dict[str, torch.Ten
     row_ptr = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0))
     col_ptr = torch.nn.functional.pad(mask.sum(0).cumsum(0), (1, 0))
     before = torch.nn.functional.pad(mask.to(torch.int64).cumsum(1), (1, 0))  # blocks left of each column
-    return {"row_idx": as_int(rows), "col_idx": as_int(cols), "row_ptr": as_int(row_ptr), "col_ptr": as_int(col_ptr),
-            "row_prefix": as_int(before + row_ptr[:-1, None]), "col_perm": as_int(index[col_cols + col_rows * kb]),
-            "col_row_idx": as_int(col_rows), "wgrad_groups": as_int(_runs(rows, row_ptr, wgrad_group(bk), nb))}
+    runs = _runs(rows, row_ptr, wgrad_group(bk), nb, n_groups)
+    return {"row_idx": as_int(rows), "col_idx": as_int(cols), "row_ptr": as_int(row_ptr + offset),
+            "col_ptr": as_int(col_ptr + offset), "row_prefix": as_int(before + row_ptr[:-1, None] + offset),
+            "col_perm": as_int(index[col_cols + col_rows * kb] + offset), "col_row_idx": as_int(col_rows),
+            "wgrad_groups": as_int(runs + offset)}
 
 
 def wgrad_group(bk: int) -> int:
@@ -208,13 +234,13 @@ def wgrad_group(bk: int) -> int:
     return max(1, 64 // bk)
 
 
-def _runs(rows: torch.Tensor, row_ptr: torch.Tensor, g: int, n_rows: int) -> torch.Tensor:
-    """``[nnz // g + n_rows + 1, 2]`` int64: first and end packed block of each run of up to ``g``
-    consecutive blocks of one block row (``rows`` sorted, int64; ``row_ptr`` ``[n_rows + 1]`` int64),
-    then empty runs ``(0, 0)``. On the device, with no sync: each run's leading block scatters its run
-    into slot (runs before it); other blocks scatter into a spare last slot that is dropped."""
+def _runs(rows: torch.Tensor, row_ptr: torch.Tensor, g: int, n_rows: int, n_groups: int | None = None) -> torch.Tensor:
+    """``[n_groups, 2]`` int64 (default ``nnz // g + n_rows + 1``, a bound on the runs): first and end packed
+    block of each run of up to ``g`` consecutive blocks of one block row (``rows`` sorted, int64; ``row_ptr``
+    ``[n_rows + 1]`` int64), then empty runs ``(0, 0)``. On the device, with no sync: each run's leading
+    block scatters its run into slot (runs before it); other blocks scatter into a spare last slot that is dropped."""
     nnz = rows.numel()
-    n_groups = nnz // g + n_rows + 1
+    n_groups = nnz // g + n_rows + 1 if n_groups is None else n_groups
     blk = torch.arange(nnz, device=rows.device)
     row_start, row_end = row_ptr[rows], row_ptr[rows + 1]
     lead = (blk - row_start) % g == 0

@@ -143,12 +143,36 @@ class _BlockSparse(nn.Module):
     def block(self) -> tuple[int, int]:
         return self.layout.block
 
+    @property
+    def values(self) -> Tensor:
+        """The packed values of this layer's blocks ``[nnz, bn, bk]``: its Parameter, or, when it shares a
+        :class:`~blockdpr_kernels.PackedStorage`, the view of its rows of the storage's values."""
+        params = self.__dict__.get("_parameters", {})
+        if "values" in params:
+            return params["values"]
+        if "packed" in params:
+            return params["packed"].narrow(0, self.layout.offset, self.layout.nnz)
+        raise AttributeError("values")
+
+    def _op_values(self) -> Tensor:
+        """What the ops take: ``values``, or the whole shared storage (its layout indexes its rows)."""
+        return self._parameters["packed"] if self.layout.shared else self._parameters["values"]
+
+    def _share(self, packed: nn.Parameter, layout: BlockLayout) -> None:
+        """Use rows of ``packed`` (a :class:`~blockdpr_kernels.PackedStorage`'s values) through the shared
+        ``layout``: ``values`` becomes a view, ``packed`` the registered Parameter."""
+        self._parameters.pop("values", None)
+        self._parameters["packed"] = packed
+        self.layout = layout
+
     def set_layout(self, layout: BlockLayout, values: Tensor | None = None) -> nn.Parameter:
         """Install ``layout`` with a new ``values`` Parameter, which is returned (an optimizer holding the
         old one must be told). ``values [layout.nnz, bn, bk]`` when given (e.g. survivors plus zeros after
         a reallocation); else repacked from the current weight: blocks kept keep their values, new
         blocks start at zero."""
         _check_layout_type(layout)
+        if self.layout.shared:
+            raise ValueError("set_layout: this layer shares a PackedStorage; change its structure there (update_)")
         if layout.shape != self.layout.shape or layout.block != self.layout.block:
             raise ValueError(f"layout: expected shape {self.layout.shape} and block {self.layout.block}, "
                              f"got {layout.shape} and {layout.block}")
@@ -166,6 +190,8 @@ class _BlockSparse(nn.Module):
     # ------------------------------------------------------------------ state_dict: the layout travels with the values
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if destination.pop(prefix + "packed", None) is not None:  # shared storage: this layer's rows only
+            destination[prefix + "values"] = self.values if keep_vars else self.values.detach()
         destination[prefix + MASK_KEY] = self.layout.mask
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -176,6 +202,9 @@ class _BlockSparse(nn.Module):
         keeps its layout and the values load into it when their shape fits: the caller vouches for them)."""
         key = prefix + MASK_KEY
         mask = state_dict.get(key)
+        if self.layout.shared:
+            self._load_shared(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            return
         if mask is None:
             missing_keys.append(key)
         elif not self._load_layout(mask, state_dict.get(prefix + "values"), key, error_msgs):
@@ -184,6 +213,36 @@ class _BlockSparse(nn.Module):
                                       error_msgs)
         if key in unexpected_keys:
             unexpected_keys.remove(key)
+
+    def _load_shared(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Load into a layer sharing a PackedStorage: the saved mask must be its structure (blocks move
+        between the storage's layers only together: install the structure first, e.g. through
+        ``DPR.load_state_dict``), then its values are copied into its rows."""
+        key, values_key = prefix + MASK_KEY, prefix + "values"
+        mask, values = state_dict.get(key), state_dict.get(values_key)
+        if mask is None or values is None:
+            missing_keys.extend(k for k, v in ((key, mask), (values_key, values)) if v is None)
+        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != self.layout.grid \
+                or not torch.equal(mask.to(self.layout.device), self.layout.mask):
+            error_msgs.append(f"{key}: this layer shares a PackedStorage and its structure differs from the saved "
+                              "one; install the saved structure first (DPR.load_state_dict / "
+                              "BlockSparsity.load_state_dict), then load the values")
+            return
+        elif not isinstance(values, Tensor) or tuple(values.shape) != tuple(self.values.shape):
+            error_msgs.append(f"{values_key}: expected shape {list(self.values.shape)} (the layer's blocks), got "
+                              f"{list(getattr(values, 'shape', []))}")
+            return
+        else:
+            with torch.no_grad():
+                self.values.copy_(values)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for k in (prefix + "packed",):
+            if k in missing_keys:
+                missing_keys.remove(k)
+        for k in (key, values_key):
+            if k in unexpected_keys:
+                unexpected_keys.remove(k)
 
     def _load_layout(self, mask, values, key: str, error_msgs: list) -> bool:
         """Install the layout of a loaded ``mask`` (False, with an error message, if it does not fit)."""
@@ -207,6 +266,9 @@ class _BlockSparse(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()`` / ``.cuda()`` / ``.half()``: the parameters, then the layout to their device."""
+        if self.layout.shared and fn(self.layout.row_ptr.new_empty(0, dtype=torch.float32)).device != self.layout.device:
+            raise ValueError("to: this layer shares a PackedStorage, which cannot move layer by layer: move the "
+                             "model before its layers share one")
         out = super()._apply(fn, *args, **kwargs)
         if self.values.device != self.layout.device:
             self.layout = self.layout.to(self.values.device)
@@ -214,9 +276,10 @@ class _BlockSparse(nn.Module):
 
     def _cast(self, x: Tensor):
         """(values, bias) in ``x``'s dtype, unless autocast is on (the op then casts to its dtype)."""
+        values = self._op_values()
         if torch.is_autocast_enabled(x.device.type):
-            return self.values, self.bias
-        return self.values.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+            return values, self.bias
+        return values.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
 
     def _repr_blocks(self) -> str:
         total = self.layout.grid[0] * self.layout.grid[1]

@@ -109,6 +109,17 @@ def _check_common(x, values, layout, bias, backend, blocks):
     return backend, x, values, bias
 
 
+def _operands(values: Tensor, layout: BlockLayout, backend: str):
+    """``(values, idx)`` as the backend takes them. The kernels index a shared layout's rows of the whole
+    storage; the reference computes over the layout's own rows (gathered: autograd puts their gradient
+    into the storage's rows; tensors, not ints, so a compiled model sees a size change, not a new constant)."""
+    idx = functions.layout_tensors(layout)
+    if layout.owned is not None and backend == "reference":
+        row_idx, col_idx = layout.local_index()
+        return values[layout.local_rows], [idx[0], col_idx, row_idx, *idx[3:9]]
+    return values, idx
+
+
 def _eager(plain, transformable):
     """The autograd Function of the eager path: the ``setup_context`` style only while a ``torch.func``
     transform is active (the check ``Function.apply`` itself makes), else the cheaper plain style."""
@@ -121,7 +132,8 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
 
     Args:
         x: ``[..., K]`` contiguous, float16 / bfloat16 / float32 (float64: reference only).
-        values: ``[nnz, bn, bk]`` contiguous, dtype of ``x``; ``bn, bk`` in 16, 32, 64, 128.
+        values: ``[nnz, bn, bk]`` contiguous, dtype of ``x``; ``bn, bk`` in 16, 32, 64, 128 (a layout sharing
+            a :class:`~blockdpr_kernels.PackedStorage`: the storage's values ``[total, bn, bk]``).
         layout: :class:`BlockLayout` of ``W`` (shape ``(N, K)``), on ``x``'s device.
         bias: optional ``[N]``, dtype of ``x``.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
@@ -137,7 +149,7 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
         raise ValueError(f"x: expected last dim K = {k} (layout.shape[1]), got shape {list(x.shape)}")
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous tensor")
-    idx = functions.layout_tensors(layout)
+    values, idx = _operands(values, layout, backend)
     rows = x if x.dim() == 2 else x.reshape(-1, k)  # no view (and no view node in the backward) for [M, K]
     if torch.compiler.is_compiling():
         y = library.linear(rows, values, idx, bias, backend)
@@ -179,7 +191,8 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
 
     Args:
         x: ``[B, C_in, H, W]`` in channels_last memory format; float16 / bfloat16 / float32.
-        values: ``[nnz, b_out, b_in]``, dtype of ``x``; block sizes 16, 32 or 64.
+        values: ``[nnz, b_out, b_in]``, dtype of ``x``; block sizes 16, 32 or 64 (shared layout: the
+            storage's values ``[total, b_out, b_in]``).
         layout: :class:`BlockLayout` of ``W`` with shape ``(C_out, R*S*C_in)``.
         bias: optional ``[C_out]``.
         stride: 1 or 2. padding: 0 or 1. dilation: 1. groups: 1.
@@ -220,7 +233,7 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     if p < 1 or q < 1:
         raise ValueError(f"x: spatial size {list(x.shape[2:])} is smaller than kernel_size {ks} "
                          f"with padding {padding}")
-    idx = functions.layout_tensors(layout)
+    values, idx = _operands(values, layout, backend)
     if torch.compiler.is_compiling():
         return library.conv2d(x, values, idx, bias, ks, stride, padding, backend)
     return _eager(functions.Conv2d, functions.Conv2dTransformable).apply(x, values, bias, idx, ks, stride, padding,

@@ -4,7 +4,8 @@
 explicit flags for everything that shapes the numbers (target pruned count, reallocation periods,
 DPR stop epoch, initial threshold, gmp schedule), so that a change of a default elsewhere does not
 move them, and hashes per trial: the metrics (metrics.jsonl without wall-clock fields), the final
-masks, the final weights, optimizer state, H and progress of last.pt, and block mode's
+masks, the final weights, optimizer state (block mode's packed values joined: optimizer_hashes), H and
+progress of last.pt, and block mode's
 final_dense.pt. tests/test_bit_identity.py compares a fresh recording with the one committed in
 tests/fixtures/bit_identity.json; regenerate that file (only at a commit whose numbers are the
 reference) with
@@ -101,6 +102,19 @@ def tensor_hashes(tree, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def optimizer_hashes(state: dict) -> dict[str, str]:
+    """tensor_hashes of an optimizer state, independent of how block mode packs its values: the state of
+    packed block values (3-D tensors) joined in parameter order per key (one Parameter holding every
+    layer's blocks and one per layer give the same bytes), every other parameter's state in order."""
+    entries = [state[i] for i in sorted(state)]
+    packed = [e for e in entries if any(torch.is_tensor(v) and v.dim() == 3 for v in e.values())]
+    if not packed:
+        return tensor_hashes(state)
+    joined = {k: torch.cat([e[k] for e in packed]) for k, v in packed[0].items() if torch.is_tensor(v) and v.dim() == 3}
+    others = [e for e in entries if not any(e is p for p in packed)]
+    return tensor_hashes({"packed": joined, "others": others})
+
+
 def run_hashes(run: Path) -> dict[str, str]:
     """The hashes of one trial's run directory."""
     result = {"metrics": sha(json.dumps(metric_rows(run), sort_keys=True).encode())}
@@ -112,7 +126,7 @@ def run_hashes(run: Path) -> dict[str, str]:
     # structure is compared through final_masks, the weights without it
     weights = {k: v for k, v in last["model"].items() if not k.endswith(".block_mask")}
     result["weights"] = sha(json.dumps(tensor_hashes(weights), sort_keys=True).encode())
-    result["optimizer"] = sha(json.dumps(tensor_hashes(last["optimizer"]["state"]), sort_keys=True).encode())
+    result["optimizer"] = sha(json.dumps(optimizer_hashes(last["optimizer"]["state"]), sort_keys=True).encode())
     for name in ("final_masks.pt", "final_dense.pt"):
         if (run / name).is_file():
             tensors = torch.load(run / name, weights_only=True)

@@ -1,5 +1,6 @@
-"""Block mode in place: a reallocation that keeps a layer's block count rewrites its Parameter, optimizer
-state and layout in the same storage (captured graphs stay valid); one that changes it rebuilds them."""
+"""Block mode in place: a reallocation rewrites the one packed Parameter, its optimizer state and the layouts
+in the same storage, also when blocks move between layers (captured graphs stay valid); only a new total
+replaces the Parameter. A layout alone (BlockLayout.update_) is rewritten in place for the same count."""
 
 import collections
 
@@ -90,58 +91,65 @@ def expected_after(layer, state, keep, new):
     return {k: target.pack(d * scale) for k, d in dense.items()}
 
 
-def move_within_layers(structure, gen):
-    """survived, regrown: each layer drops a third of its blocks and regrows as many elsewhere (same counts)."""
-    survived, regrown = [], []
-    for m in structure.layers:
-        mask = m.layout.mask.reshape(-1)
-        active, free = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
-        k = min(len(active) // 3, len(free))
-        drop = active[torch.randperm(len(active), generator=gen)[:k]]
-        grow = free[torch.randperm(len(free), generator=gen)[:k]]
-        s, r = mask.clone(), torch.zeros_like(mask)
-        s[drop], r[grow] = False, True
-        survived.append(s), regrown.append(r)
-    return torch.cat(survived), torch.cat(regrown)
+def move_blocks(structure, gen):
+    """survived, regrown: each layer drops a third of its blocks; as many regrow at random over all layers'
+    free blocks, so per-layer counts change and the total does not."""
+    mask = structure.flat_mask()
+    active, free = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    positions = structure.segments.split(torch.arange(len(mask)))
+    drop = torch.cat([a[torch.randperm(len(a), generator=gen)[:len(a) // 3]]
+                      for a in (p[m] for p, m in zip(positions, structure.segments.split(mask)))])
+    grow = free[torch.randperm(len(free), generator=gen)[:len(drop)]]
+    survived, regrown = mask.clone(), torch.zeros_like(mask)
+    survived[drop], regrown[grow] = False, True
+    return survived, regrown
 
 
-def test_a_count_preserving_reallocation_is_in_place_and_equals_the_rebuild():
+def test_a_reallocation_moving_blocks_between_layers_is_in_place_and_equals_the_rebuild():
     model, structure, opt = trained()
     gen = torch.Generator().manual_seed(2)
-    survived, regrown = move_within_layers(structure, gen)
-    params = [m.values for m in structure.layers]
-    pointers = [(p.data_ptr(), opt.state[p]["momentum_buffer"].data_ptr()) for p in params]
-    expected = [expected_after(m, {"momentum_buffer": opt.state[m.values]["momentum_buffer"]}, keep, new)
-                for m, keep, new in zip(structure.layers, structure.segments.split(survived),
-                                        structure.segments.split(survived | regrown))]
+    survived, regrown = move_blocks(structure, gen)
+    values = structure.params[0]
+    momentum = opt.state[values]["momentum_buffer"]
+    pointers = (values.data_ptr(), momentum.data_ptr())
+    before = [m.layout.nnz for m in structure.layers]
+    expected = [expected_after(m, {"momentum_buffer": buf}, keep, new)
+                for m, buf, keep, new in zip(structure.layers, structure.split_rows(momentum),
+                                             structure.segments.split(survived),
+                                             structure.segments.split(survived | regrown))]
     with record_work() as work:
         structure.set_structure(survived, regrown, opt)
     assert not structure.params_replaced
     assert work.syncs == collections.Counter({"tolist": 1}), "one read of all layers' counts, nothing per layer"
-    for m, p, (values_ptr, state_ptr), want, new in zip(structure.layers, params, pointers, expected,
-                                                       structure.segments.split(survived | regrown)):
-        assert m.values is p and p.data_ptr() == values_ptr
-        assert opt.state[p]["momentum_buffer"].data_ptr() == state_ptr
-        assert torch.equal(p.detach(), want["values"])
-        assert torch.equal(opt.state[p]["momentum_buffer"], want["momentum_buffer"])
+    assert [m.layout.nnz for m in structure.layers] != before, "the test must change per-layer counts"
+    assert structure.params[0] is values and (values.data_ptr(), momentum.data_ptr()) == pointers
+    assert opt.state[values]["momentum_buffer"] is momentum
+    for m, want, rows, buf, new in zip(structure.layers, expected, structure.split_rows(values.detach()),
+                                       structure.split_rows(momentum), structure.segments.split(survived | regrown)):
+        assert torch.equal(rows, want["values"]) and torch.equal(m.values.detach(), want["values"])
+        assert torch.equal(buf, want["momentum_buffer"])
         assert torch.equal(m.layout.mask.reshape(-1), new)
-        assert not p.grad.any(), "a gradient in the old packed order would be stale: zeroed"
-    assert [q for g in opt.param_groups for q in g["params"] if q.dim() == 3] == params
+    assert not values.grad.any(), "a gradient in the old packed order would be stale: zeroed"
+    assert [q for g in opt.param_groups for q in g["params"] if q.dim() == 3] == [values]
 
 
-def test_a_reallocation_that_changes_counts_replaces_only_those_layers():
+def test_host_known_counts_save_the_read_and_a_new_total_replaces_the_one_parameter():
     model, structure, opt = trained()
-    first = structure.layers[0]
-    mask = first.layout.mask.reshape(-1)
+    survived, regrown = move_blocks(structure, torch.Generator().manual_seed(3))
+    counts = structure.segments.count(survived | regrown).tolist()
+    with record_work() as work:
+        structure.set_structure(survived, regrown, opt, counts=counts)
+    assert work.syncs == collections.Counter(), "the host knew the counts: nothing read back"
+    values = structure.params[0]
     survived = structure.flat_mask().clone()
-    survived[mask.nonzero()[0]] = False  # layer 0 loses one block, nothing regrows
-    params = [m.values for m in structure.layers]
+    survived[survived.nonzero()[0]] = False  # one block pruned, nothing regrows: a new total
     with record_work() as work:
         structure.set_structure(survived, torch.zeros_like(survived), opt)
-    assert structure.params_replaced and first.values is not params[0] and first.layout.nnz == len(params[0]) - 1
-    assert all(m.values is p for m, p in zip(structure.layers[1:], params[1:]))
+    assert structure.params_replaced and structure.params[0] is not values
+    assert structure.storage.total == len(values) - 1 and sum(m.layout.nnz for m in structure.layers) == len(values) - 1
     held = {id(q) for g in opt.param_groups for q in g["params"]}
-    assert id(first.values) in held and id(params[0]) not in held
+    assert id(structure.params[0]) in held and id(values) not in held
+    assert all(m._parameters["packed"] is structure.params[0] for m in structure.layers)
     assert work.syncs == collections.Counter({"tolist": 1}), "no per-layer sync on the rebuild path either"
 
 
@@ -153,9 +161,9 @@ def block_engine(tmp_path, tiny_cifar, rule):
     return Engine(parse_configs(flags))
 
 
-@pytest.mark.parametrize("rule,recaptures", [("set", False), ("dsr", True)])
-def test_the_engine_drops_its_graphs_only_when_a_parameter_was_replaced(tmp_path, tiny_cifar, monkeypatch,
-                                                                       rule, recaptures):
+@pytest.mark.parametrize("rule", ["set", "dsr"])
+def test_block_reallocations_in_the_engine_keep_every_parameter_and_its_graphs(tmp_path, tiny_cifar, monkeypatch,
+                                                                               rule):
     calls = []
     monkeypatch.setattr(Engine, "invalidate_graphs", lambda self: calls.append(1))
     trainer = block_engine(tmp_path, tiny_cifar, rule)
@@ -165,13 +173,12 @@ def test_the_engine_drops_its_graphs_only_when_a_parameter_was_replaced(tmp_path
     with record_work() as work:
         reallocations += len(trainer.step(4))
     assert reallocations == 5
-    # set: one read of all layers' counts; dsr: the reallocator's counts out and r_i back, then that read
-    # (the host knows the new counts from r_i already: passing them down would save it, not done yet)
-    syncs = {"set": {"tolist": 1}, "dsr": {"numpy": 1, "from_host": 1, "tolist": 1}}[rule]
+    # set: one read of all layers' counts; dsr: the reallocator's one read (its counts out, r_i back), which
+    # gives the host the new counts too, as in element mode
+    syncs = {"set": {"tolist": 1}, "dsr": {"numpy": 1, "from_host": 1}}[rule]
     assert work.syncs == collections.Counter(syncs), "no sync per layer in a block-mode reallocation"
-    same = all(a is b for a, b in zip(params, trainer.dprs[0].structure.params))
-    assert same != recaptures
-    assert (len(calls) > 0) == recaptures, f"{len(calls)} invalidations in 5 {rule} reallocations"
+    assert all(a is b for a, b in zip(params, trainer.dprs[0].structure.params))
+    assert not calls, f"{len(calls)} invalidations in 5 {rule} reallocations"
 
 
 def test_a_compiled_block_engine_leaves_dynamos_parameter_shape_flag_as_it_was(tmp_path, tiny_cifar, monkeypatch):
@@ -201,20 +208,25 @@ def test_a_compiled_block_engine_leaves_dynamos_parameter_shape_flag_as_it_was(t
     assert config.force_parameter_static_shapes is True, "the process-wide value is restored"
 
 
-def test_a_set_run_on_static_buffers_keeps_one_static_call_and_equals_eager(tmp_path, tiny_cifar, monkeypatch):
+@pytest.mark.parametrize("rule", ["set", "dsr"])
+def test_a_block_run_on_static_buffers_keeps_one_static_call_and_equals_eager(tmp_path, tiny_cifar, monkeypatch,
+                                                                              rule):
     """--cuda-graph semantics on CPU: the step on static buffers (StaticCall static=True, what a graph
-    captures) through 5 set reallocations is never invalidated, reads the same Parameters and buffers
-    throughout, and ends bit-identical to the eager run."""
+    captures) through 5 reallocations (dsr: blocks move between layers) is never invalidated, reads the
+    same Parameters and buffers throughout, and ends bit-identical to the eager run."""
     from blockdpr.step import StaticCall
     calls = []
     monkeypatch.setattr(Engine, "invalidate_graphs", lambda self: calls.append(1))
     finals = {}
     for static in (False, True):
-        trainer = block_engine(tmp_path / str(static), tiny_cifar, "set")
+        trainer = block_engine(tmp_path / str(static), tiny_cifar, rule)
         trainer.step_fn.call = StaticCall(trainer.step_fn.compute, static=static)
         trainer.start_epoch(0)
         params = list(trainer.model.parameters())
+        counts = [m.layout.nnz for m in trainer.dprs[0].structure.layers]
         assert sum(len(trainer.step(step)) for step in range(5)) == 5
+        moved = counts != [m.layout.nnz for m in trainer.dprs[0].structure.layers]
+        assert moved == (rule == "dsr"), "dsr moves blocks between layers, set within them"
         assert all(a is b for a, b in zip(params, trainer.model.parameters()))
         if static:
             assert len(trainer.step_fn.call._buffers) == 1, "one set of static buffers for the whole run"

@@ -82,16 +82,17 @@ def test_packed_reallocation_conserves_blocks_and_resets_new_state():
     opt.step()
     nnz = [m.layout.nnz for m in sparsity.layers]
     old_values = [m.values.detach().clone() for m in sparsity.layers]
-    old_buf = [opt.state[m.values]["momentum_buffer"].clone() for m in sparsity.layers]
+    old_buf = [b.clone() for b in sparsity.split_rows(opt.state[sparsity.params[0]]["momentum_buffer"])]
     old_masks = [m.layout.mask.clone() for m in sparsity.layers]
     result = sparsity.reallocate(Reallocator(sparsity.segments.sizes, DPRConfig(target_pruned=5, initial_threshold=0.05), 0), 1, opt)
     assert result.pruned > 0
     assert sum(m.layout.nnz for m in sparsity.layers) == sum(nnz)
-    for m, values, buf, mask, keep, grow in zip(sparsity.layers, old_values, old_buf, old_masks,
-                                                sparsity.segments.split(result.survived), sparsity.segments.split(result.regrown)):
+    states = sparsity.split_rows(opt.state[sparsity.params[0]]["momentum_buffer"])
+    for m, values, buf, mask, keep, grow, state in zip(sparsity.layers, old_values, old_buf, old_masks,
+                                                       sparsity.segments.split(result.survived),
+                                                       sparsity.segments.split(result.regrown), states):
         new_mask = m.layout.mask.reshape(-1)
         assert m.values.shape == (m.layout.nnz, BLOCK, BLOCK)
-        state = opt.state[m.values]["momentum_buffer"]
         assert state.shape == m.values.shape, "optimizer state has the packed shape"
         old_pos = torch.full((mask.numel(),), -1)
         old_pos[mask.reshape(-1)] = torch.arange(int(mask.sum()))

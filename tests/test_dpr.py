@@ -160,6 +160,7 @@ def test_block_mode_replaces_layers_in_place_and_keeps_the_invariants():
     assert isinstance(model.odd, nn.Conv2d) and isinstance(model.fc1, nn.Linear)
     held = [p for g in opt.param_groups for p in g["params"]]
     assert set(held) == set(model.parameters()), "the optimizer holds the packed values and the new biases"
+    assert len(held) == len(set(held)) and sum(p.dim() == 3 for p in held) == 1, "one packed Parameter, held once"
     layers = dpr.structure.layers
     blocks = sum(m.layout.nnz for m in layers)
     moved = 0
@@ -167,20 +168,35 @@ def test_block_mode_replaces_layers_in_place_and_keeps_the_invariants():
     def check(result):
         nonlocal moved
         assert sum(m.layout.nnz for m in layers) == blocks, "exact active block count"
+        packed = dpr.structure.params[0]
+        states = state_tensors(opt, packed)
+        assert states and all(s.shape == packed.shape == (blocks, 16, 16) for s in states)
+        per_layer = [dpr.structure.split_rows(s) for s in states]  # [state][layer]: [nnz_i, 16, 16]
         for m in layers:
             assert m.values.shape == (m.layout.nnz, 16, 16)
-            assert all(s.shape == m.values.shape for s in state_tensors(opt, m.values))
         if result is not None:
             moved += result.pruned
-            for m, grow in zip(layers, dpr.structure.segments.split(result.regrown)):
+            for i, (m, grow) in enumerate(zip(layers, dpr.structure.segments.split(result.regrown))):
                 position = torch.cumsum(m.layout.mask.reshape(-1), 0) - 1  # packed index of an active block
                 regrown = position[grow]
                 assert torch.count_nonzero(m.values[regrown]) == 0, "regrown blocks start at zero"
-                for s in state_tensors(opt, m.values):
-                    assert torch.count_nonzero(s[regrown]) == 0, "regrown blocks start with zero state"
+                for s in per_layer:
+                    assert torch.count_nonzero(s[i][regrown]) == 0, "regrown blocks start with zero state"
 
     train(model, opt, dpr, batches(6), check)
     assert moved > 0
+
+
+def test_block_mode_needs_the_sparse_weights_in_one_kind_of_param_group():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD([{"params": [model.conv.weight], "lr": 0.1}, {"params": [model.fc2.weight], "lr": 0.2},
+                           {"params": [p for n, p in model.named_parameters() if n not in ("conv.weight", "fc2.weight")]}],
+                          lr=0.1, momentum=0.9)
+    held = [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="one optimizer param group"):
+        DPR(model, opt, 0.5, granularity="block", block=16)
+    assert isinstance(model.conv, nn.Conv2d) and [g["params"] for g in opt.param_groups] == held, "nothing changed"
 
 
 @pytest.mark.parametrize("granularity", ["element", "block"])
@@ -266,8 +282,9 @@ def test_compiled_model_does_not_recompile_at_a_reallocation():
 
 
 def test_compiled_block_model_recompiles_once_for_the_dynamic_block_count(monkeypatch):
-    """Block mode gives the layers new packed Parameters at a reallocation: with dynamic parameter
-    shapes dynamo compiles once more (the block count becomes symbolic), then never again."""
+    """Block mode reallocates in place, but on the CPU reference backend a layer computes over its own
+    blocks, whose count is a tensor size: with dynamic parameter shapes dynamo compiles once more (the
+    count becomes symbolic), then never again."""
     from torch._dynamo.testing import CompileCounter
 
     monkeypatch.setattr(torch._dynamo.config, "force_parameter_static_shapes", False, raising=False)

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .blocks import weight_to_matrix
+from .blocks import block_grid, weight_to_matrix
 from .dense_grad import DenseGradCapture
 from .distribution import DISTRIBUTIONS, densities
 from .element import ElementSparsity
@@ -127,6 +127,8 @@ class DPR:
             dense_layers = []
         else:
             check_block(block, any(isinstance(m, nn.Conv2d) for m in chosen.values()))
+            _check_one_group(optimizer, [m.weight for m in chosen.values()
+                                         if block_grid(m.weight.shape, (block, block)) is not None])
             structure, dense_layers = to_block_sparse(model, list(chosen), block, sparsity, seed,
                                                       distribution=distribution)
             _move_to_packed(optimizer, chosen, structure)
@@ -348,16 +350,48 @@ def resolve_target(target_pruned: float | int, active_units: Callable[[], int]) 
     return max(1, round(target_pruned * active_units()))
 
 
+def _check_one_group(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor]) -> None:
+    """ValueError unless the optimizer's groups holding `weights` have the same settings: block mode packs
+    them into one Parameter."""
+    groups = [g for g in optimizer.param_groups if any(p is w for p in g["params"] for w in weights)]
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    if any(s != settings[0] for s in settings[1:]):
+        raise ValueError("block mode packs the sparse layers' weights into one Parameter: they must be in one "
+                         f"optimizer param group (or groups with the same settings), found {len(groups)} groups "
+                         "that differ")
+
+
 @torch.no_grad()
 def _move_to_packed(optimizer: torch.optim.Optimizer, dense: dict[str, nn.Module], structure: BlockSparsity) -> None:
-    """The optimizer held the dense layers' weight and bias: give it the packed layers' values (state
-    packed) and bias (state carried) instead."""
+    """The optimizer held the dense layers' weight and bias: give it the packed storage's values (one
+    Parameter for all layers, in the group of the first weight; each state tensor packed, zeros for a
+    weight that had none) and the bias (state carried) instead (_check_one_group ran before)."""
+    weights = [dense[name].weight for name in structure.names]
+    groups = [g for g in optimizer.param_groups if any(p is w for p in g["params"] for w in weights)]
+    if groups:
+        values = structure.storage.values
+        states = [optimizer.state.pop(w, {}) for w in weights]
+        packed = {}
+        for key in {k for st, w in zip(states, weights) for k, v in st.items() if torch.is_tensor(v) and v.shape == w.shape}:
+            packed[key] = torch.cat([layer.layout.pack(weight_to_matrix(st[key]).contiguous()) if key in st
+                                     else layer.values.new_zeros(layer.values.shape)
+                                     for st, layer in zip(states, structure.layers)])
+        rest = {k: v for st in states for k, v in st.items() if k not in packed}  # scalars such as Adam's step
+        if packed or rest:
+            optimizer.state[values] = {**rest, **packed}
+        first = True
+        for group in groups:
+            kept = []
+            for p in group["params"]:
+                if any(p is w for w in weights):
+                    if first:
+                        kept.append(values)
+                        first = False
+                else:
+                    kept.append(p)
+            group["params"] = kept
     held = {p for group in optimizer.param_groups for p in group["params"]}
     for name, layer in zip(structure.names, structure.layers):
         old = dense[name]
-        if old.weight in held:
-            _replace_in_optimizer(optimizer, old.weight, layer.values,
-                                  lambda t, layer=layer: layer.layout.pack(weight_to_matrix(t).contiguous()))
         if old.bias is not None and old.bias in held:
             _replace_in_optimizer(optimizer, old.bias, layer.bias, lambda t: t)
-

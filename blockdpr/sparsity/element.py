@@ -106,7 +106,8 @@ class ElementSparsity(SparseStructure):
 
     @torch.no_grad()
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
-                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
+                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False,
+                      counts: list[int] | None = None) -> None:
         """Install a new structure given flat bool [n] masks of surviving and regrown weights.
 
         Pruned and regrown weights become exactly zero. Optimizer state tensors shaped like a

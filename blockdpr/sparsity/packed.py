@@ -1,12 +1,15 @@
 """Block mode: sparse convs and linears that store only their active blocks and run on blockdpr_kernels.
 
-The layers are blockdpr_kernels.BlockSparseConv2d / BlockSparseLinear: `values` [nnz, b_out, b_in]
-(the only weight parameter; its gradient and optimizer state have the same packed shape) and a
-BlockLayout of the weight matrix ([C_out, kh * kw * C_in] for a conv, [out, in] for a linear). No dense copy of the weight exists. BlockSparsity is the
-storage the reallocator works on: a reallocation rewrites a layer's values, layout and optimizer
-state in place when its block count is unchanged (`BlockLayout.update_`), else gives it a new
-layout and values (`set_layout`) and the optimizer the matching state; survivors keep both,
-regrown blocks start at zero with zero state.
+The layers are blockdpr_kernels.BlockSparseConv2d / BlockSparseLinear over one PackedStorage: a single
+Parameter `values` [total, b_out, b_in] holding every layer's active blocks, layer after layer (its
+gradient and optimizer state have the same packed shape; no dense copy of any weight exists), and each
+layer's BlockLayout of its weight matrix ([C_out, kh * kw * C_in] for a conv, [out, in] for a linear)
+over its rows. BlockSparsity is the storage the reallocator works on. DPR, SET and RigL conserve the
+total number of active blocks, so a reallocation moves blocks between rows in place: one gather of the
+values and of each optimizer state tensor into the new order (survivors keep theirs, regrown blocks
+start at zero with zero state) and the layouts rewritten on the device (`PackedStorage.update_`); no
+Parameter or tensor changes shape, so a captured step stays valid for the whole run. Only a new total
+(gradual pruning, loading another structure) gives the storage a new Parameter.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blockdpr_kernels import CONV_BLOCKS, LINEAR_BLOCKS, BlockLayout, BlockSparseConv2d, BlockSparseLinear
+from blockdpr_kernels import CONV_BLOCKS, LINEAR_BLOCKS, BlockLayout, BlockSparseConv2d, BlockSparseLinear, PackedStorage
 
 from .blocks import block_grid, block_means, weight_to_matrix
 from .distribution import densities
@@ -23,7 +26,8 @@ from .structure import SparseStructure, random_structure
 
 
 class BlockSparsity(SparseStructure):
-    """The packed block-sparse layers of a model, as one set of reallocation units (blocks)."""
+    """The packed block-sparse layers of a model, as one set of reallocation units (blocks), over one
+    PackedStorage built here from the layers (which then share it)."""
 
     def __init__(self, layers: dict[str, BlockSparseConv2d | BlockSparseLinear]):
         if not layers:
@@ -31,13 +35,19 @@ class BlockSparsity(SparseStructure):
         self.names = list(layers)
         self.layers = list(layers.values())
         self.block = self.layers[0].block
-        self.segments = Segments([m.layout.mask.numel() for m in self.layers], self.layers[0].values.device)
+        self.storage = PackedStorage(self.layers)
+        self.segments = Segments([m.layout.grid[0] * m.layout.grid[1] for m in self.layers], self.storage.device)
         self.dense_numels = [torch.Size(m.weight_shape).numel() for m in self.layers]
         self.params_replaced = False  # by the last set_structure
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [m.values for m in self.layers]
+        return [self.storage.values]
+
+    def split_rows(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of a tensor of the storage's shape (values, their gradient, an optimizer state) per layer:
+        ``[nnz_i, b_out, b_in]`` each, in layer order."""
+        return packed.split(self.storage.counts)
 
     def apply_(self) -> None:
         """Nothing to mask: packed storage holds only active blocks."""
@@ -50,12 +60,12 @@ class BlockSparsity(SparseStructure):
 
     @torch.no_grad()
     def flat_scores(self) -> torch.Tensor:
-        scores = []
-        for m in self.layers:
-            s = torch.zeros(m.layout.mask.numel(), device=m.values.device)
-            s[m.layout.mask.reshape(-1)] = m.values.detach().abs().float().mean(dim=(1, 2))
-            scores.append(s)
-        return torch.cat(scores)
+        """Mean |w| of every block (0 where inactive): the storage's rows scattered to their grid positions
+        (storage order is the flat order of the active blocks)."""
+        mask = self.flat_mask()
+        scores = torch.zeros(mask.numel(), device=mask.device)
+        scores[mask] = self.storage.values.detach().abs().float().mean(dim=(1, 2))
+        return scores
 
     @torch.no_grad()
     def flat_grad_scores(self, dense_grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -68,43 +78,42 @@ class BlockSparsity(SparseStructure):
 
     @torch.no_grad()
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
-                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
+                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False,
+                      counts: list[int] | None = None) -> None:
         """Install the new masks: survivors keep their values and optimizer state, regrown blocks start
         at zero with zero state, pruned blocks are dropped (keep_momentum has no effect here).
 
-        All layers' new block counts come to the host in one read (the reallocation's one sync). A layer
-        whose count is unchanged (always under set and rigl, which conserve each tensor's count) is
-        rewritten in place: the same Parameter and state tensors (gathered with `copy_`) and its layout
-        updated on the device (`BlockLayout.update_`), so a captured step stays valid. A layer whose count
-        changed gets a new Parameter and layout (the optimizer is updated to hold it): torch.compile then
-        sees a new input rather than a tensor whose shape changed under it. `params_replaced` records
-        whether this call replaced any Parameter (the engine recaptures its graphs only then).
+        All layers' new block counts come to the host in one read (none when `counts` gives them). The rows
+        of the storage are gathered into the new order in one step for all layers (values, and every
+        optimizer state tensor of the values' shape, with `copy_`), the gradient (in the old order) is
+        zeroed, and the layouts are rewritten on the device. With the same total (always under dsr, set
+        and rigl) nothing changes shape or identity; a new total gets a new Parameter (the optimizer is
+        updated to hold it). `params_replaced` records whether this call replaced it (the engine
+        recaptures its graphs only then).
         """
-        new_masks = self.segments.split(survived | regrown)
-        counts = self.segments.count(survived | regrown).tolist()
-        self.params_replaced = False
-        for m, keep, new, count in zip(self.layers, self.segments.split(survived), new_masks, counts):
-            grid = m.layout.grid
-            # Packed index of every grid position in the old layout (-1: inactive or pruned): packed
-            # order is row-major, so it is the count of active blocks before the position.
-            old_mask = m.layout.mask.reshape(-1)
-            old_index = torch.where(keep & old_mask, old_mask.cumsum(0) - 1, -1)
-            source = old_index[torch.nonzero_static(new, size=count).squeeze(1)]  # new packed order: row-major
-            old = m.values
-            if count == m.layout.nnz:
-                old.copy_(_gather_blocks(old.detach(), source))
-                if old.grad is not None:  # in the old order: zero, as the rebuild's new Parameter has none
-                    old.grad.zero_()
-                state = optimizer.state.get(old, {}) if optimizer is not None else {}
-                for v in state.values():
-                    if torch.is_tensor(v) and v.shape == old.shape:
-                        v.copy_(_gather_blocks(v, source))
-                m.layout.update_(new.view(grid))
-                continue
-            self.params_replaced = True
-            m.set_layout(BlockLayout(new.view(grid), m.block, nnz=count), _gather_blocks(old.detach(), source))
+        new = survived | regrown
+        counts = self.segments.count(new).tolist() if counts is None else [int(c) for c in counts]
+        old_mask = self.flat_mask()
+        # Row of every grid position in the old storage (-1: inactive or pruned): storage order is the flat
+        # order of the active blocks, so it is the count of active blocks before the position.
+        old_row = torch.where(survived & old_mask, old_mask.cumsum(0) - 1, -1)
+        source = old_row[torch.nonzero_static(new, size=sum(counts)).squeeze(1)]
+        masks = [m.view(layer.layout.grid) for m, layer in zip(self.segments.split(new), self.layers)]
+        values = self.storage.values
+        self.params_replaced = sum(counts) != self.storage.total
+        if self.params_replaced:
+            self.storage.replace_values_(_gather_blocks(values.detach(), source), masks, counts)
             if optimizer is not None:
-                _replace_in_optimizer(optimizer, old, m.values, lambda t: _gather_blocks(t, source))
+                _replace_in_optimizer(optimizer, values, self.storage.values, lambda t: _gather_blocks(t, source))
+            return
+        values.copy_(_gather_blocks(values.detach(), source))
+        if values.grad is not None:  # in the old order
+            values.grad.zero_()
+        state = optimizer.state.get(values, {}) if optimizer is not None else {}
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == values.shape:
+                v.copy_(_gather_blocks(v, source))
+        self.storage.update_(masks, counts)
 
     def nonzero_counts(self) -> list[int]:
         return [m.layout.nnz * m.block[0] * m.block[1] for m in self.layers]
@@ -114,8 +123,8 @@ class BlockSparsity(SparseStructure):
         return {n: m.layout.mask.cpu() for n, m in zip(self.names, self.layers)}
 
     def load_state_dict(self, masks: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Install saved block masks with zero values of the matching packed shape (new Parameters,
-        which `optimizer` is told of, with empty state; else build the optimizer afterwards); load the
+        """Install saved block masks with zero values (the same Parameter when the total is the same, its
+        optimizer state dropped; else a new one, which `optimizer` is told of, with empty state); load the
         model's state_dict (and the optimizer's) to fill them."""
         if list(masks) != self.names:
             raise ValueError(f"block mask names do not match the model's block-sparse layers: {list(masks)} vs {self.names}")
@@ -123,11 +132,13 @@ class BlockSparsity(SparseStructure):
             mask = masks[n]
             if mask.shape != m.layout.mask.shape or mask.dtype != torch.bool:
                 raise ValueError(f"block mask of {n} must be bool {tuple(m.layout.mask.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-            layout = BlockLayout(mask.to(m.values.device), m.block)
-            old = m.values
-            m.set_layout(layout, m.values.new_zeros(layout.nnz, *m.block))
-            if optimizer is not None:
-                _replace_in_optimizer(optimizer, old, m.values, None)
+        old = self.storage.values
+        replaced = self.storage.load_([masks[n].to(self.storage.device) for n in self.names])
+        if optimizer is not None:
+            if replaced:
+                _replace_in_optimizer(optimizer, old, self.storage.values, None)
+            else:
+                optimizer.state.pop(old, None)
 
 
 def _replace_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, remap) -> None:
@@ -206,9 +217,11 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a plain dense state_dict into a model with block-sparse layers: each such layer keeps
-    the blocks of its dense weight that hold any non-zero (its layout follows the weight).
-    Layers get new Parameters: build the optimizer afterwards."""
+    the blocks of its dense weight that hold any non-zero (its layout follows the weight; layers sharing
+    a PackedStorage install theirs together, a new total giving the storage a new Parameter: build the
+    optimizer afterwards)."""
     state = dict(state)
+    storages: dict[int, list] = {}
     for name, m in model.named_modules():
         if isinstance(m, BLOCK_SPARSE_LAYERS):
             weight = state.pop(f"{name}.weight", None)
@@ -217,6 +230,13 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
                 raise ValueError(f"dense state_dict needs {name}.weight of shape {m.weight_shape}, found {found}")
             matrix = weight_to_matrix(weight.to(m.values.device, m.values.dtype)).contiguous()
             layout = BlockLayout.from_dense(matrix, m.block)
-            state[f"{name}.values"] = m.set_layout(layout, layout.pack(matrix)).detach()
+            if m.layout.shared:
+                storages.setdefault(id(m.layout.storage), [m.layout.storage, {}])[1][m] = (layout, matrix)
+            else:
+                m.set_layout(layout, layout.pack(matrix))
+            state[f"{name}.values"] = layout.pack(matrix)
             state[f"{name}.block_mask"] = layout.mask
+    for storage, found in storages.values():
+        layouts = [found[m][0] for m in storage.layers]
+        storage.load_([lay.mask for lay in layouts], torch.cat([lay.pack(mat) for lay, mat in (found[m] for m in storage.layers)]))
     model.load_state_dict(state)

@@ -55,6 +55,7 @@ class ReallocationResult:
     regrown: torch.Tensor  # inactive before, active now
     pruned_per_tensor: np.ndarray  # int64 [T], k_i
     regrown_per_tensor: np.ndarray  # int64 [T], r_i
+    active_per_tensor: np.ndarray  # int64 [T], l_i + r_i: each tensor's units after it (on the host)
     threshold_used: float  # H this reallocation pruned with
     threshold_next: float  # H after adaptation
 
@@ -199,6 +200,6 @@ def reallocate_together(reallocators: list[Reallocator], scores: list[torch.Tens
     regrown = seg.select_smallest(keys, torch.as_tensor(np.concatenate(regrow_counts), device=device))
 
     sizes = [r.segments.total for r in reallocators]
-    return [ReallocationResult(s, g, c[0], counts_i, used, r.threshold)
+    return [ReallocationResult(s, g, c[0], counts_i, c[1] + counts_i, used, r.threshold)
             for s, g, c, counts_i, used, r in zip(survived.split(sizes), regrown.split(sizes), per_trial, regrow_counts,
                                                     thresholds_used, reallocators)]

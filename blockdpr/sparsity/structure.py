@@ -47,7 +47,8 @@ def reallocate_structures(structures: list["SparseStructure"], reallocators: lis
     results = reallocate_together(reallocators, [s.flat_scores() for s in structures],
                                   [s.flat_mask() for s in structures], step)
     for structure, result, optimizer in zip(structures, results, optimizers, strict=True):
-        structure.set_structure(result.survived, result.regrown, optimizer, keep_momentum)
+        structure.set_structure(result.survived, result.regrown, optimizer, keep_momentum,
+                                counts=result.active_per_tensor.tolist())
     return results
 
 
@@ -78,9 +79,12 @@ class SparseStructure:
         raise NotImplementedError
 
     def set_structure(self, survived: torch.Tensor, regrown: torch.Tensor,
-                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False) -> None:
+                      optimizer: torch.optim.Optimizer | None = None, keep_momentum: bool = False,
+                      counts: list[int] | None = None) -> None:
         """Install flat bool [n units] masks: survivors keep value and optimizer state, all
-        others become zero with zero state (keep_momentum: state is left as it is, if kept)."""
+        others become zero with zero state (keep_momentum: state is left as it is, if kept). counts:
+        the active units per tensor of the new masks when the host knows them (the reallocator does),
+        which saves packed storage its read of them."""
         raise NotImplementedError
 
     def nonzero_counts(self) -> list[int]:
