@@ -391,7 +391,7 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc,
 
 
 def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhwc, kernel_size, stride, padding,
-                allow_tf32, out=None):
+                allow_tf32, out=None, own_blocks=None):
     """Packed weight gradient ``[nnz, bn, bk]`` (dtype of x) for the active blocks only.
 
     ``x`` (NHWC sizes ``x_nhwc`` = ``(B, H, W, C_in)``), ``dy`` (``dy_nhwc`` = ``(B, P, Q, C_out)``), memory as
@@ -402,6 +402,8 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
     (:func:`~blockdpr_kernels.layout.wgrad_splits`, :func:`~blockdpr_kernels.layout.density_bucket` of these
     sizes; the SM count is cached per device). ``out``: the ``[nnz, bn, bk]`` tensor to write, whose rows
     outside the groups are left as they are (zeros for a layout sharing a PackedStorage); default a new one.
+    ``own_blocks``: the layout's own block count when ``row_idx`` holds a PackedStorage's ``total``; the
+    split count and density bucket then follow it (the groups are sized for any density).
     """
     (_, h, w, c_in), (b, p, q, c_out) = x_nhwc, dy_nhwc
     bn, bk = block
@@ -411,11 +413,13 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
     if nnz == 0 or m == 0:
         return dv.zero_()
     n_groups = groups.shape[0]
-    splits = min(wgrad_splits(n_groups, x.device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
+    own = nnz if own_blocks is None else own_blocks
+    used = n_groups if own_blocks is None else own // wgrad_group(bk) + c_out // bn + 1  # the runs' bound
+    splits = min(wgrad_splits(used, x.device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
     workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
     with _on(x.device):
         _WGRAD.launch(lambda block_m: (n_groups, splits),
                       (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
-                       _density(nnz, c_out // bn), kernel_size[1], stride, padding, bn, bk,
+                       _density(own, c_out // bn), kernel_size[1], stride, padding, bn, bk,
                        _precision(x.dtype, allow_tf32)))
     return dv

@@ -52,16 +52,19 @@ def _first_order(backward):
 
 def layout_tensors(layout) -> List[Tensor]:
     """The ``idx`` list of a :class:`~blockdpr_kernels.BlockLayout` (order: see the module docstring); a
-    layout sharing a :class:`~blockdpr_kernels.PackedStorage` adds ``owned`` (int32 ``[2]``, its rows of the
-    storage's values), which makes the weight gradient zero outside them."""
+    layout sharing a :class:`~blockdpr_kernels.PackedStorage` adds its own blocks' block rows
+    (``local_row_idx``, int32 ``[nnz]``): the weight gradient is then zero outside the layout's rows of the
+    storage, and its split count follows the layout's own block count (the size of that tensor) rather
+    than its run capacity."""
     idx = [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.col_row_idx, layout.col_perm,
            layout.wgrad_groups, layout.wgrad_counters, layout.row_prefix]
-    return idx if layout.owned is None else idx + [layout.owned]
+    return idx if layout.storage is None else idx + [layout.local_row_idx]
 
 
-def _shared(idx: List[Tensor]) -> bool:
-    """Whether ``idx`` is a shared layout's: its values hold other layouts' rows too."""
-    return len(idx) > 9
+def _shared_out(values: Tensor, idx: List[Tensor]):
+    """``(out, nnz)`` for the weight-gradient launchers: for a shared layout (``idx`` has 10 tensors) zeros
+    of the storage's shape and the layout's own block count, else ``(None, None)``."""
+    return (torch.zeros_like(values), idx[9].shape[0]) if len(idx) > 9 else (None, None)
 
 
 def block_grid(idx: List[Tensor]):
@@ -90,8 +93,7 @@ def linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
     """Packed ``[nnz, bn, bk]`` gradient of the values."""
     block = tuple(values.shape[1:])
     if backend == "triton":
-        return matmul.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block,
-                                  torch.zeros_like(values) if _shared(idx) else None)
+        return matmul.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block, *_shared_out(values, idx))
     return reference.linear_grad_weight(x, dy, idx[2], idx[1], block)
 
 
@@ -201,8 +203,7 @@ def conv2d_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
     block = tuple(values.shape[1:])
     if backend == "triton":
         return conv.grad_weight(x, dy, idx[2], idx[1], idx[6], idx[7], block, _nhwc(x.shape), _nhwc(dy.shape),
-                                kernel_size, stride, padding, _tf32(x),
-                                torch.zeros_like(values) if _shared(idx) else None)
+                                kernel_size, stride, padding, _tf32(x), *_shared_out(values, idx))
     return reference.conv2d_grad_weight(x, dy, idx[2], idx[1], block, kernel_size, stride, padding)
 
 

@@ -86,8 +86,7 @@ class BlockLayout:
         # which must then be the mask's count: a reallocation reads all layers' counts at once).
         self.nnz = int(mask.sum()) if nnz is None else int(nnz)
         self.offset = 0  # first packed row of this layout's blocks: 0 unless it shares a PackedStorage
-        self.owned = None  # shared layouts: int32 [2], the packed rows [offset, offset + nnz) they own
-        self.storage = None  # shared layouts: the PackedStorage
+        self.storage = None  # the PackedStorage whose values hold this layout's blocks, if any
         self._mask = mask.clone()
         for name, t in _index_tensors(mask, self.nnz, bk).items():
             setattr(self, name, t)
@@ -98,7 +97,7 @@ class BlockLayout:
     def shared(self) -> bool:
         """Whether this layout's blocks are rows of a :class:`~blockdpr_kernels.PackedStorage` shared with
         other layouts (its packed indices are then rows of the storage's values)."""
-        return self.owned is not None
+        return self.storage is not None
 
     @torch.no_grad()
     def update_(self, mask: torch.Tensor) -> None:

@@ -44,9 +44,10 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, k_in: int) -> torch.T
     return dx
 
 
-def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, out=None) -> torch.Tensor:
+def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, out=None, own_blocks=None) -> torch.Tensor:
     """``x [M, K]``, ``dy [M, N]`` -> packed ``(dy^T @ x)`` at the active blocks, ``[nnz, bn, bk]``;
-    the other arguments are the layout's weight-gradient metadata and ``out`` (see :func:`conv.grad_weight`)."""
+    the other arguments are the layout's weight-gradient metadata, ``out`` and ``own_blocks`` (see
+    :func:`conv.grad_weight`)."""
     m = x.shape[0]
     return conv.grad_weight(x, dy, row_idx, col_idx, groups, counters, block, (m, 1, 1, x.shape[1]),
-                            (m, 1, 1, dy.shape[1]), *_ONE, _tf32(x), out)
+                            (m, 1, 1, dy.shape[1]), *_ONE, _tf32(x), out, own_blocks)

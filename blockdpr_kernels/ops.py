@@ -114,7 +114,10 @@ def _operands(values: Tensor, layout: BlockLayout, backend: str):
     storage; the reference computes over the layout's own rows (gathered: autograd puts their gradient
     into the storage's rows; tensors, not ints, so a compiled model sees a size change, not a new constant)."""
     idx = functions.layout_tensors(layout)
-    if layout.owned is not None and backend == "reference":
+    if layout.storage is not None and backend == "reference":
+        if values.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("backend 'reference' over a PackedStorage reads per-layer index tensors that a "
+                               "reallocation replaces, so a CUDA graph cannot hold them: capture with backend 'triton'")
         row_idx, col_idx = layout.local_index()
         return values[layout.local_rows], [idx[0], col_idx, row_idx, *idx[3:9]]
     return values, idx

@@ -89,7 +89,6 @@ class PackedStorage:
             tensors = _index_tensors(mask, count, bk, offset, _group_capacity(mask.shape, bk))
             for name in _OWN:
                 setattr(layout, name, tensors[name])
-            layout.owned = _owned(layout.row_ptr)
             _set_local(layout, tensors, offset, count)
             for name in _SHARED:
                 self.index[name].narrow(0, offset, count).copy_(tensors[name])
@@ -119,7 +118,6 @@ class PackedStorage:
             for name in _SHARED:
                 self.index[name].narrow(0, offset, count).copy_(tensors[name])
             layout._mask.copy_(mask)
-            layout.owned.copy_(_owned(layout.row_ptr))
             layout.wgrad_counters.zero_()
             layout.nnz, layout.offset = count, offset
             _set_local(layout, tensors, offset, count)
@@ -148,16 +146,12 @@ class PackedStorage:
 
 
 def _set_local(layout: BlockLayout, tensors: dict, offset: int, count: int) -> None:
-    """The layout's own blocks for the reference backend, which computes over them alone: their rows of
-    ``values`` (int64 ``[nnz]``) and block rows / columns (int32 ``[nnz]``); new tensors at every update
-    (their size is the layer's count), read only by the reference backend and pack / unpack."""
+    """The layout's own blocks: their rows of ``values`` (int64 ``[nnz]``) and block rows / columns (int32
+    ``[nnz]``); new tensors at every update (their size is the layer's count), read by the reference
+    backend and pack / unpack; the kernels read only the size of ``local_row_idx`` (the layer's count, for
+    the weight gradient's split count) and never the tensors, so a captured graph does not hold them."""
     layout.local_rows = torch.arange(offset, offset + count, device=layout.row_ptr.device)
     layout.local_row_idx, layout.local_col_idx = tensors["row_idx"], tensors["col_idx"]
-
-
-def _owned(row_ptr: torch.Tensor) -> torch.Tensor:
-    """int32 [2]: the first and end row of ``values`` a layout owns (on the device, no host data)."""
-    return torch.stack([row_ptr[0], row_ptr[-1]])
 
 
 def _offsets(counts: list[int]) -> list[int]:

@@ -76,7 +76,7 @@ def test_update_in_place_keeps_every_tensor_and_equals_layers_built_for_the_new_
     masks = moved_masks(shared, torch.Generator().manual_seed(1))
     counts = [int(m.sum()) for m in masks]
     tensors = [t for m in shared for t in (m.layout.row_ptr, m.layout.col_ptr, m.layout.row_prefix, m.layout.col_idx,
-                                          m.layout.col_perm, m.layout.wgrad_groups, m.layout.owned)]
+                                          m.layout.col_perm, m.layout.wgrad_groups)]
     pointers = [t.data_ptr() for t in tensors] + [storage.values.data_ptr()]
     # the new values in the new order: random, the same for the fresh layers built for the masks
     fresh = []
@@ -136,3 +136,22 @@ def test_storage_refusals_name_the_problem():
         mods[0].layout.update_(masks[0])
     with pytest.raises(ValueError, match="cannot move layer by layer"):
         mods[0].to("meta")
+
+
+@pytest.mark.skipif(kernel_device() is None, reason=SKIP_REASON)
+def test_a_shared_layouts_weight_gradient_splits_as_its_own_layout_would(monkeypatch):
+    """The grid covers the run capacity (any density), but the M splits follow the layer's own count."""
+    from blockdpr_kernels import conv
+    grids = []
+    launch = conv._WGRAD.launch
+    monkeypatch.setattr(conv._WGRAD, "launch", lambda grid, args: (grids.append(grid(None)), launch(grid, args))[1])
+    own = layers()
+    shared = copy.deepcopy(own)
+    PackedStorage(shared)
+    x = torch.randn(4, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    for mods in (own, shared):
+        run(mods, x, "triton")
+    own_grids, shared_grids = grids[:3], grids[3:]
+    assert [g[1] for g in shared_grids] == [g[1] for g in own_grids], "the same M splits"
+    assert any(g[1] > 1 for g in own_grids), "the test must include a split weight gradient"
+    assert all(s[0] >= o[0] for s, o in zip(shared_grids, own_grids)), "programs for every run the layer could need"
