@@ -35,9 +35,11 @@ def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def layout_nbytes(layout) -> int:
-    """Bytes of every tensor a BlockLayout holds (mask, index tensors, weight-gradient runs and counters)."""
-    return sum(nbytes(t) for t in vars(layout).values() if torch.is_tensor(t))
+def layout_nbytes(layouts) -> int:
+    """Bytes of every tensor the BlockLayouts hold (masks, index tensors, weight-gradient runs and counters),
+    each tensor once: layouts over one PackedStorage share its per-block index tensors."""
+    tensors = {id(t): t for layout in layouts for t in vars(layout).values() if torch.is_tensor(t)}
+    return sum(nbytes(t) for t in tensors.values())
 
 
 def train_step(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -68,9 +70,10 @@ def measure(depth: int, width: int, sparsity: float, block: int) -> dict:
     structure, kept_dense = to_block_sparse(model, names, block, sparsity, seed=0)
     optimizer = train_step(model)
     still_dense = [p for n, p in model.named_parameters() if n in kept_dense]
-    layout_bytes = sum(layout_nbytes(m.layout) for m in structure.layers)
-    # The weight gradient's fp32 workspace is one buffer per device, as large as the largest layer's blocks.
-    workspace_bytes = 4 * max(m.layout.nnz * m.layout.block[0] * m.layout.block[1] for m in structure.layers)
+    layout_bytes = layout_nbytes([m.layout for m in structure.layers])
+    # The weight gradient's fp32 workspace is one buffer per device, as large as the packed storage (the
+    # layouts over it index its rows).
+    workspace_bytes = 4 * structure.params[0].numel()
     block_bytes = parameter_state_bytes(structure.params + still_dense, optimizer) + layout_bytes + workspace_bytes
     density = sum(structure.nonzero_counts()) / sum(structure.dense_numels)
     return {

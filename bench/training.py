@@ -122,7 +122,7 @@ def measure_training(model_name, mode, block, sparsity, images, labels, dt, amp,
     if mode == "element":
         state += sum(nbytes(m) for m in dpr.structure.masks)
     if mode == "block":
-        state += sum(layout_nbytes(m.layout) for m in dpr.structure.layers)
+        state += layout_nbytes([m.layout for m in dpr.structure.layers])
         out["layers_kept_dense"] = dpr.dense_layers
     out["state_bytes"] = state
     realloc_ms = 0.0
