@@ -155,3 +155,21 @@ def test_a_shared_layouts_weight_gradient_splits_as_its_own_layout_would(monkeyp
     assert [g[1] for g in shared_grids] == [g[1] for g in own_grids], "the same M splits"
     assert any(g[1] > 1 for g in own_grids), "the test must include a split weight gradient"
     assert all(s[0] >= o[0] for s, o in zip(shared_grids, own_grids)), "programs for every run the layer could need"
+
+
+@pytest.mark.skipif(kernel_device() is None, reason=SKIP_REASON)
+def test_a_shared_conv_fwd_bwd_is_three_launches_and_one_zero_filled_gradient():
+    """What a shared layout adds per call: the weight gradient of the storage's shape, zero-filled."""
+    mods = layers()
+    PackedStorage(mods)
+    conv = mods[0]
+    conv.backend = "triton"
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    with record_work() as work:
+        conv(x).backward(dy)
+    assert {k: v for k, v in work.launches.items() if v} == {"fwd": 1, "dgrad": 1, "wgrad": 1}
+    assert work.ops == {"aten.empty": 2,        # y and dx (channels_last)
+                        "aten.zeros_like": 1,   # dvalues: the storage's shape, zero outside the layer's rows
+                        "aten.sum": 1}          # the bias gradient
+    assert not work.syncs
