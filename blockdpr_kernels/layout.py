@@ -63,6 +63,10 @@ class BlockLayout:
             the groups alone give about four programs per SM of the layout's device, more otherwise.
         density_bucket: ``ceil(log2(nnz / (N // bn) + 1))`` (an int property, :func:`density_bucket`),
             the coarse count of active blocks per block row in the kernels' autotune key.
+        storage, offset: ``None`` and 0, unless a :class:`~blockdpr_kernels.PackedStorage` holds this
+            layout's blocks in its rows ``offset .. offset + nnz - 1`` (then the packed indices above are
+            rows of the storage, the per-block tensors are the storage's ``[total]`` ones, and
+            ``local_rows``, ``local_row_idx``, ``local_col_idx`` ``[nnz]`` describe the layout's own blocks).
 
     The two ints are functions of the tensor sizes and the device, which the launchers recompute in
     O(1) Python (the SM count is queried once per device): torch.compile guards int attributes of a
