@@ -211,8 +211,7 @@ class _BlockSparse(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
+        _forget(unexpected_keys, key)
 
     def _load_shared(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Load into a layer sharing a PackedStorage: the saved mask must be its structure (blocks move
@@ -237,12 +236,8 @@ class _BlockSparse(nn.Module):
                 self.values.copy_(values)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        for k in (prefix + "packed",):
-            if k in missing_keys:
-                missing_keys.remove(k)
-        for k in (key, values_key):
-            if k in unexpected_keys:
-                unexpected_keys.remove(k)
+        _forget(missing_keys, prefix + "packed")
+        _forget(unexpected_keys, key, values_key)
 
     def _load_layout(self, mask, values, key: str, error_msgs: list) -> bool:
         """Install the layout of a loaded ``mask`` (False, with an error message, if it does not fit)."""
@@ -307,6 +302,11 @@ class _BlockSparse(nn.Module):
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep[scores.topk(max(1, round(density * scores.numel()))).indices] = True
         return BlockLayout(keep.view(grid), (bn, bk))
+
+
+def _forget(keys: list, *names: str) -> None:
+    """Remove ``names`` from a load_state_dict key list (keys this layer handles itself)."""
+    keys[:] = [k for k in keys if k not in names]
 
 
 def _check_density(density) -> None:

@@ -350,10 +350,16 @@ def resolve_target(target_pruned: float | int, active_units: Callable[[], int]) 
     return max(1, round(target_pruned * active_units()))
 
 
+def _groups_holding(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> list[dict]:
+    """The optimizer's param groups that hold any of `tensors`, in order."""
+    ids = {id(t) for t in tensors}
+    return [g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+
+
 def _check_one_group(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor]) -> None:
     """ValueError unless the optimizer's groups holding `weights` have the same settings: block mode packs
     them into one Parameter."""
-    groups = [g for g in optimizer.param_groups if any(p is w for p in g["params"] for w in weights)]
+    groups = _groups_holding(optimizer, weights)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     if any(s != settings[0] for s in settings[1:]):
         raise ValueError("block mode packs the sparse layers' weights into one Parameter: they must be in one "
@@ -367,7 +373,7 @@ def _move_to_packed(optimizer: torch.optim.Optimizer, dense: dict[str, nn.Module
     Parameter for all layers, in the group of the first weight; each state tensor packed, zeros for a
     weight that had none) and the bias (state carried) instead (_check_one_group ran before)."""
     weights = [dense[name].weight for name in structure.names]
-    groups = [g for g in optimizer.param_groups if any(p is w for p in g["params"] for w in weights)]
+    groups = _groups_holding(optimizer, weights)
     if groups:
         values = structure.storage.values
         states = [optimizer.state.pop(w, {}) for w in weights]
@@ -379,17 +385,11 @@ def _move_to_packed(optimizer: torch.optim.Optimizer, dense: dict[str, nn.Module
         rest = {k: v for st in states for k, v in st.items() if k not in packed}  # scalars such as Adam's step
         if packed or rest:
             optimizer.state[values] = {**rest, **packed}
-        first = True
+        ids = {id(w) for w in weights}
+        first = next(i for i, p in enumerate(groups[0]["params"]) if id(p) in ids)
         for group in groups:
-            kept = []
-            for p in group["params"]:
-                if any(p is w for w in weights):
-                    if first:
-                        kept.append(values)
-                        first = False
-                else:
-                    kept.append(p)
-            group["params"] = kept
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        groups[0]["params"].insert(first, values)  # where the first packed weight was
     held = {p for group in optimizer.param_groups for p in group["params"]}
     for name, layer in zip(structure.names, structure.layers):
         old = dense[name]

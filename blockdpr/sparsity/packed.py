@@ -221,7 +221,7 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     a PackedStorage install theirs together, a new total giving the storage a new Parameter: build the
     optimizer afterwards)."""
     state = dict(state)
-    storages: dict[int, list] = {}
+    storages: dict[int, tuple] = {}  # id -> (storage, {layer: (layout, matrix)})
     for name, m in model.named_modules():
         if isinstance(m, BLOCK_SPARSE_LAYERS):
             weight = state.pop(f"{name}.weight", None)
@@ -231,12 +231,12 @@ def load_dense_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
             matrix = weight_to_matrix(weight.to(m.values.device, m.values.dtype)).contiguous()
             layout = BlockLayout.from_dense(matrix, m.block)
             if m.layout.shared:
-                storages.setdefault(id(m.layout.storage), [m.layout.storage, {}])[1][m] = (layout, matrix)
+                storages.setdefault(id(m.layout.storage), (m.layout.storage, {}))[1][m] = (layout, matrix)
             else:
                 m.set_layout(layout, layout.pack(matrix))
             state[f"{name}.values"] = layout.pack(matrix)
             state[f"{name}.block_mask"] = layout.mask
     for storage, found in storages.values():
-        layouts = [found[m][0] for m in storage.layers]
-        storage.load_([lay.mask for lay in layouts], torch.cat([lay.pack(mat) for lay, mat in (found[m] for m in storage.layers)]))
+        pairs = [found[m] for m in storage.layers]
+        storage.load_([layout.mask for layout, _ in pairs], torch.cat([layout.pack(mat) for layout, mat in pairs]))
     model.load_state_dict(state)
