@@ -358,7 +358,7 @@ def forward(x, values, row_prefix, col_idx, bias, y, x_nhwc, y_nhwc, kernel_size
     _FWD.launch(lambda block_m: (-(-m // block_m) * n_blocks,),
                 (x, values, row_prefix, col_idx, y if bias is None else bias, y, m, h, w, p, q, c_in, c_out,
                  _density(nnz, n_blocks), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
-                 bias is not None, _precision(x.dtype, allow_tf32)), x.device)
+                 bias is not None, _precision(x.dtype, allow_tf32)))
     return y
 
 
@@ -375,7 +375,7 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc,
     _DGRAD.launch(lambda block_m: (-(-m // block_m) * k_blocks,),
                   (dy, values, col_ptr, col_row_idx, col_perm, dx, m, h, w, p, q, c_in, c_out,
                    _density(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
-                   _precision(dy.dtype, allow_tf32)), dy.device)
+                   _precision(dy.dtype, allow_tf32)))
     return dx
 
 
@@ -405,5 +405,5 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
     _WGRAD.launch(lambda block_m: (n_groups, splits),
                   (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
                    _density(nnz, c_out // bn), kernel_size[1], stride, padding, bn, bk,
-                   _precision(x.dtype, allow_tf32)), device)
+                   _precision(x.dtype, allow_tf32)))
     return dv

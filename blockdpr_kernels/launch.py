@@ -46,9 +46,9 @@ class Launcher:
     """One ``triton.autotune``-d kernel whose first ``tensors`` parameters are tensors and whose last is
     ``BLOCK_M`` (the tuned tile size).
 
-    ``launch(grid, args, device)``: ``args`` are every kernel argument but ``BLOCK_M``, positionally in the
-    kernel's parameter order; ``grid(block_m)`` gives the launch grid (a tuple of 1 to 3 ints); ``device``
-    is the tensors' device.
+    ``launch(grid, args)``: ``args`` are every kernel argument but ``BLOCK_M``, positionally in the
+    kernel's parameter order, all tensors on one device; ``grid(block_m)`` gives the launch grid (a tuple
+    of 1 to 3 ints).
     """
 
     def __init__(self, tuner, tensors: int):
@@ -74,16 +74,17 @@ class Launcher:
         aligned = not any(map(_MISALIGNED, pointers)) or tuple([p % 16 == 0 for p in pointers])
         return device, args[self.n_tensors:], tuple([t.dtype for t in args[:self.n_tensors]]), aligned
 
-    def launch(self, grid: Callable[[int], tuple], args: tuple, device: torch.device) -> None:
-        """Launch on ``device``, the tensors' device: a CUDA device that is not the current one is made
+    def launch(self, grid: Callable[[int], tuple], args: tuple) -> None:
+        """Launch on the tensors' device (the first tensor's): a GPU that is not the current device is made
         current for the launch (the current device is read once, for this and for the signature)."""
         if not self.compiles:
             self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
             return
         current = (self._driver or driver.active).get_current_device()
-        if device.type == "cuda" and device.index != current:
-            with torch.cuda.device(device):
-                return self.launch(grid, args, device)
+        gpu = args[0].get_device()  # -1 off CUDA (bench.host's CPU tensors under its do-nothing driver)
+        if gpu >= 0 and gpu != current:
+            with torch.cuda.device(gpu):
+                return self.launch(grid, args)
         pointers = tuple(map(_data_ptr, args[:self.n_tensors]))
         key = self._signature(current, args, pointers)
         hit = self.compiled.get(key)

@@ -46,22 +46,25 @@ BF16_INTERPRETER_REASON = ("the Triton interpreter does not support bf16 tl.dot 
 
 # ----------------------------------------------------------------------------- validation
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, x: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
+        return "triton" if HAS_TRITON and x.is_cuda else "reference"
     if backend == "triton":
         if not HAS_TRITON:
             raise ValueError("backend: 'triton' requested but triton is not installed")
-        if device.type != "cuda" and not conv.CPU_LAUNCH:
-            raise ValueError(f"backend: 'triton' needs CUDA tensors (got {device}) unless "
+        if not x.is_cuda and not conv.CPU_LAUNCH:
+            raise ValueError(f"backend: 'triton' needs CUDA tensors (got {x.device}) unless "
                              "TRITON_INTERPRET=1 is set before blockdpr_kernels is imported")
     return backend
 
 
-def _autocast(x: Tensor, values, bias, device: str):
+def _autocast(x: Tensor, values, bias):
     """Under torch.autocast, cast floating inputs to the autocast dtype (as F.linear / F.conv2d do)."""
+    if not torch._C._is_any_autocast_enabled():  # the usual case, without naming a device type
+        return x, values, bias
+    device = x.device.type
     if not torch.is_autocast_enabled(device):
         return x, values, bias
     dtype = torch.get_autocast_dtype(device)
@@ -78,11 +81,11 @@ def _check_common(x, values, layout, bias, backend, blocks):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
+    backend = _resolve_backend(backend, x)
     device = x.device
-    backend = _resolve_backend(backend, device)
     if device != layout.device:
         raise ValueError(f"x: expected device {layout.device} (the layout's), got {device}")
-    x, values, bias = _autocast(x, values, bias, device.type)
+    x, values, bias = _autocast(x, values, bias)
     dtype = x.dtype
     dtypes = _KERNEL_DTYPES if backend == "triton" else _REFERENCE_DTYPES
     if dtype not in dtypes:
