@@ -64,15 +64,9 @@ class Launcher:
 
     def signature(self, args: tuple) -> tuple:
         """The launch signature of ``args`` on the current device (see the module docstring)."""
-        return self._signature((self._driver or driver.active).get_current_device(), args,
-                               tuple(map(_data_ptr, args[:self.n_tensors])))
-
-    def _signature(self, device: int, args: tuple, pointers: tuple) -> tuple:
-        """:meth:`signature`, given the current device and the tensors' ``data_ptr()`` s. The alignments are
-        one ``True`` when every pointer is a multiple of 16 (the usual case: one C-level pass), else a
-        flag per tensor."""
-        aligned = not any(map(_MISALIGNED, pointers)) or tuple([p % 16 == 0 for p in pointers])
-        return device, args[self.n_tensors:], tuple([t.dtype for t in args[:self.n_tensors]]), aligned
+        tensors = args[:self.n_tensors]
+        return _signature((self._driver or driver.active).get_current_device(), tensors, args[self.n_tensors:],
+                          tuple(map(_data_ptr, tensors)))
 
     def launch(self, grid: Callable[[int], tuple], args: tuple) -> None:
         """Launch on the tensors' device (the first tensor's): a GPU that is not the current device is made
@@ -85,8 +79,9 @@ class Launcher:
         if gpu >= 0 and gpu != current:
             with torch.cuda.device(gpu):
                 return self.launch(grid, args)
-        pointers = tuple(map(_data_ptr, args[:self.n_tensors]))
-        key = self._signature(current, args, pointers)
+        tensors, scalars = args[:self.n_tensors], args[self.n_tensors:]
+        pointers = tuple(map(_data_ptr, tensors))
+        key = _signature(current, tensors, scalars, pointers)
         hit = self.compiled.get(key)
         if hit is None or self.tuner.fn.pre_run_hooks or _watched():
             self._tune_and_launch(key, grid, args)
@@ -96,7 +91,7 @@ class Launcher:
         # The C launcher takes a pointer as an int as readily as a tensor (whose data_ptr() it would call
         # again, and on a GPU check with the driver: the ops checked every tensor's device already).
         launch(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._driver.get_current_stream(current),
-               pointers + args[self.n_tensors:] + (block_m,))
+               pointers + scalars + (block_m,))
 
     def _tune_and_launch(self, key: tuple, grid, args) -> None:
         """The full path: autotuner (tunes a new key) and JIT (compiles a new variant); remembers the result."""
@@ -106,6 +101,14 @@ class Launcher:
         if isinstance(kernel, CompiledKernel):
             self._driver = driver.active
             self.compiled[key] = _direct(kernel), self.tuner.best_config.kwargs["BLOCK_M"]
+
+
+def _signature(device: int, tensors: tuple, scalars: tuple, pointers: tuple) -> tuple:
+    """The launch signature, given the current device and the tensors' ``data_ptr()`` s. The alignments are
+    one ``True`` when every pointer is a multiple of 16 (the usual case: one C-level pass), else a flag per
+    tensor."""
+    aligned = not any(map(_MISALIGNED, pointers)) or tuple([p % 16 == 0 for p in pointers])
+    return device, scalars, tuple([t.dtype for t in tensors]), aligned
 
 
 _C_LAUNCH_FIELDS = ("launch", "arg_annotations", "kernel_signature", "launch_cooperative_grid", "launch_pdl",

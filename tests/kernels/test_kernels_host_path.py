@@ -167,14 +167,14 @@ def test_density_bucket_separates_dense_from_sparse_in_the_autotune_key():
 def test_launch_signature_tells_dtypes_and_each_misaligned_pointer_apart():
     """The launcher keys its compiled kernels on every tensor's dtype and 16-byte alignment (the JIT
     specialises pointers on it); the usual all-aligned case is one flag."""
-    from blockdpr_kernels.conv import _DGRAD
+    from blockdpr_kernels.launch import _signature
     scalars = (7, 1, 1, 1, 1, 48, 32, 3, 1, 1, 1, 0, 16, 16, "ieee")
     base = torch.zeros(64, dtype=torch.float16)
     aligned, offset = base[:8], base[1:9]  # offset: 2 bytes past a 16-byte boundary
     index = torch.zeros(8, dtype=torch.int32)
 
     def key(*tensors):
-        return _DGRAD._signature(0, tensors + scalars, tuple(t.data_ptr() for t in tensors))
+        return _signature(0, tensors, scalars, tuple(t.data_ptr() for t in tensors))
 
     all_aligned = key(aligned, aligned, index, index, index, aligned)
     assert all_aligned == key(base[8:16], aligned, index, index, index, aligned)  # another aligned pointer
