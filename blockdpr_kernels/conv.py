@@ -34,7 +34,6 @@ tile config; the layout arrives as index tensors.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -323,7 +322,9 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
 # go straight to the compiled kernel's C launcher. Ceiling divisions are written -(-a // b): triton.cdiv
 # is a constexpr function whose wrapper costs microseconds per call on the host.
 
-_density = functools.lru_cache(maxsize=4096)(density_bucket)  # an O(1) formula, but per launch: memoised
+# O(1) formulas of sizes (and the device's SM count), but per launch: memoised
+_density = functools.lru_cache(maxsize=4096)(density_bucket)
+_splits = functools.lru_cache(maxsize=4096)(wgrad_splits)
 _FWD = Launcher(_fwd_kernel, tensors=6)
 _DGRAD = Launcher(_dgrad_kernel, tensors=6)
 _WGRAD = Launcher(_wgrad_kernel, tensors=8)
@@ -331,16 +332,6 @@ _WGRAD = Launcher(_wgrad_kernel, tensors=8)
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 and not INTERPRET else "ieee"
-
-
-def _on(device: torch.device):
-    """Launch on the tensors' GPU, not merely the current one."""
-    if device.type != "cuda" or device.index == torch.cuda.current_device():
-        return _NO_CONTEXT
-    return torch.cuda.device(device)
-
-
-_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _nhwc_view(t: torch.Tensor, shape) -> torch.Tensor:
@@ -364,11 +355,10 @@ def forward(x, values, row_prefix, col_idx, bias, y, x_nhwc, y_nhwc, kernel_size
             out += bias
         return y
     n_blocks = c_out // bn
-    with _on(x.device):
-        _FWD.launch(lambda block_m: (-(-m // block_m) * n_blocks,),
-                    (x, values, row_prefix, col_idx, y if bias is None else bias, y, m, h, w, p, q, c_in, c_out,
-                     _density(nnz, n_blocks), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
-                     bias is not None, _precision(x.dtype, allow_tf32)))
+    _FWD.launch(lambda block_m: (-(-m // block_m) * n_blocks,),
+                (x, values, row_prefix, col_idx, y if bias is None else bias, y, m, h, w, p, q, c_in, c_out,
+                 _density(nnz, n_blocks), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
+                 bias is not None, _precision(x.dtype, allow_tf32)))
     return y
 
 
@@ -382,11 +372,10 @@ def grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, dy_nhwc, dx_nhwc,
     if nnz == 0 or m == 0:
         return dx.zero_()
     k_blocks = c_in // bk
-    with _on(dy.device):
-        _DGRAD.launch(lambda block_m: (-(-m // block_m) * k_blocks,),
-                      (dy, values, col_ptr, col_row_idx, col_perm, dx, m, h, w, p, q, c_in, c_out,
-                       _density(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
-                       _precision(dy.dtype, allow_tf32)))
+    _DGRAD.launch(lambda block_m: (-(-m // block_m) * k_blocks,),
+                  (dy, values, col_ptr, col_row_idx, col_perm, dx, m, h, w, p, q, c_in, c_out,
+                   _density(nnz, c_out // bn), kernel_size[0], kernel_size[1], stride, padding, bn, bk,
+                   _precision(dy.dtype, allow_tf32)))
     return dx
 
 
@@ -415,11 +404,11 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
     n_groups = groups.shape[0]
     own = nnz if own_blocks is None else own_blocks
     used = n_groups if own_blocks is None else own // wgrad_group(bk) + c_out // bn + 1  # the runs' bound
-    splits = min(wgrad_splits(used, x.device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
-    workspace = wgrad_workspace(nnz * bn * bk, x.device)  # a lookup: the layout sized it
-    with _on(x.device):
-        _WGRAD.launch(lambda block_m: (n_groups, splits),
-                      (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
-                       _density(own, c_out // bn), kernel_size[1], stride, padding, bn, bk,
-                       _precision(x.dtype, allow_tf32)))
+    device = x.device
+    splits = min(_splits(used, device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
+    workspace = wgrad_workspace(nnz * bn * bk, device)  # a lookup: the layout sized it
+    _WGRAD.launch(lambda block_m: (n_groups, splits),
+                  (x, dy, groups, row_idx, col_idx, dv, workspace, counters, m, h, w, p, q, c_in, c_out,
+                   _density(own, c_out // bn), kernel_size[1], stride, padding, bn, bk,
+                   _precision(x.dtype, allow_tf32)))
     return dv

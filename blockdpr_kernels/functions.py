@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import reference
@@ -99,7 +100,8 @@ def linear_grad_weight(x: Tensor, dy: Tensor, values: Tensor, idx: List[Tensor],
 
 def _save(ctx, x, values, idx, extra):
     ctx.save_for_backward(x, values)
-    ctx.save_for_forward(x, values)
+    if forward_ad._current_level >= 0:  # for jvp; outside every dual level no tensor has a tangent
+        ctx.save_for_forward(x, values)
     ctx.idx, ctx.extra = idx, extra
 
 

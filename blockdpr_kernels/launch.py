@@ -3,7 +3,11 @@
 ``kernel[grid](...)`` on an autotuned kernel runs, per call, the autotuner's key and config lookup,
 the JIT's binder (argument specialisation), the compile-cache key and a dict of bound arguments
 before the C launcher: tens of microseconds of Python per launch. :class:`Launcher` pays that once
-per *launch signature* and then calls the cached ``CompiledKernel``'s launcher directly.
+per *launch signature* and then calls the cached ``CompiledKernel``'s launcher directly, with the
+tensors' pointers as the ints it reads (it would otherwise call each tensor's ``data_ptr()`` again,
+and on a GPU ask the driver whether the pointer is a device pointer: the ops checked the devices).
+The current device is read once per launch, for the signature and to make the tensors' GPU current
+when it is not.
 
 The signature holds everything the autotuner and the JIT key on: the device, every scalar
 argument (ints, constexprs, strings) exactly, and each tensor's dtype and 16-byte alignment (the
@@ -19,12 +23,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 __all__ = ["Launcher"]
+
+_data_ptr = torch.Tensor.data_ptr
+_MISALIGNED = (15).__and__  # p -> p % 16, as a C function for map()
 
 
 def _watched() -> bool:
@@ -39,7 +47,8 @@ class Launcher:
     ``BLOCK_M`` (the tuned tile size).
 
     ``launch(grid, args)``: ``args`` are every kernel argument but ``BLOCK_M``, positionally in the
-    kernel's parameter order; ``grid(block_m)`` gives the launch grid (a tuple of 1 to 3 ints).
+    kernel's parameter order, all tensors on one device; ``grid(block_m)`` gives the launch grid (a tuple
+    of 1 to 3 ints).
     """
 
     def __init__(self, tuner, tensors: int):
@@ -54,24 +63,35 @@ class Launcher:
         self._driver = None  # triton's active driver when the first kernel was kept (bench.host sets its own)
 
     def signature(self, args: tuple) -> tuple:
-        """The launch signature of ``args`` (see the module docstring)."""
+        """The launch signature of ``args`` on the current device (see the module docstring)."""
         tensors = args[:self.n_tensors]
-        return ((self._driver or driver.active).get_current_device(), args[self.n_tensors:],
-                tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]))
+        return _signature((self._driver or driver.active).get_current_device(), tensors, args[self.n_tensors:],
+                          tuple(map(_data_ptr, tensors)))
 
     def launch(self, grid: Callable[[int], tuple], args: tuple) -> None:
+        """Launch on the tensors' device (the first tensor's): a GPU that is not the current device is made
+        current for the launch (the current device is read once, for this and for the signature)."""
         if not self.compiles:
             self.tuner[lambda meta: grid(meta["BLOCK_M"])](*args)
             return
-        key = self.signature(args)
+        current = (self._driver or driver.active).get_current_device()
+        gpu = args[0].get_device()  # -1 off CUDA (bench.host's CPU tensors under its do-nothing driver)
+        if gpu >= 0 and gpu != current:
+            with torch.cuda.device(gpu):
+                return self.launch(grid, args)
+        tensors, scalars = args[:self.n_tensors], args[self.n_tensors:]
+        pointers = tuple(map(_data_ptr, tensors))
+        key = _signature(current, tensors, scalars, pointers)
         hit = self.compiled.get(key)
         if hit is None or self.tuner.fn.pre_run_hooks or _watched():
             self._tune_and_launch(key, grid, args)
             return
         launch, block_m = hit
         g = grid(block_m)
-        launch(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._driver.get_current_stream(key[0]),
-               args + (block_m,))
+        # The C launcher takes a pointer as an int as readily as a tensor (whose data_ptr() it would call
+        # again, and on a GPU check with the driver: the ops checked every tensor's device already).
+        launch(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, self._driver.get_current_stream(current),
+               pointers + scalars + (block_m,))
 
     def _tune_and_launch(self, key: tuple, grid, args) -> None:
         """The full path: autotuner (tunes a new key) and JIT (compiles a new variant); remembers the result."""
@@ -81,6 +101,14 @@ class Launcher:
         if isinstance(kernel, CompiledKernel):
             self._driver = driver.active
             self.compiled[key] = _direct(kernel), self.tuner.best_config.kwargs["BLOCK_M"]
+
+
+def _signature(device: int, tensors: tuple, scalars: tuple, pointers: tuple) -> tuple:
+    """The launch signature, given the current device and the tensors' ``data_ptr()`` s. The alignments are
+    one ``True`` when every pointer is a multiple of 16 (the usual case: one C-level pass), else a flag per
+    tensor."""
+    aligned = not any(map(_MISALIGNED, pointers)) or tuple([p % 16 == 0 for p in pointers])
+    return device, scalars, tuple([t.dtype for t in tensors]), aligned
 
 
 _C_LAUNCH_FIELDS = ("launch", "arg_annotations", "kernel_signature", "launch_cooperative_grid", "launch_pdl",

@@ -29,18 +29,17 @@ def _tf32(t: torch.Tensor) -> bool:
 
 def forward(x, values, row_prefix, col_idx, bias, n_out: int) -> torch.Tensor:
     """``x [M, K]`` -> ``y [M, N]`` (dtype of x)."""
-    m = x.shape[0]
+    m, k = x.shape
     y = x.new_empty(m, n_out)
-    conv.forward(x, values, row_prefix, col_idx, bias, y, (m, 1, 1, x.shape[1]), (m, 1, 1, n_out), *_ONE, _tf32(x))
+    conv.forward(x, values, row_prefix, col_idx, bias, y, (m, 1, 1, k), (m, 1, 1, n_out), *_ONE, _tf32(x))
     return y
 
 
 def grad_input(dy, values, col_ptr, col_row_idx, col_perm, k_in: int) -> torch.Tensor:
     """``dy [M, N]`` -> ``dx [M, K]`` = dy @ W."""
-    m = dy.shape[0]
+    m, n = dy.shape
     dx = dy.new_empty(m, k_in)
-    conv.grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, (m, 1, 1, dy.shape[1]), (m, 1, 1, k_in), *_ONE,
-                    _tf32(dy))
+    conv.grad_input(dy, values, col_ptr, col_row_idx, col_perm, dx, (m, 1, 1, n), (m, 1, 1, k_in), *_ONE, _tf32(dy))
     return dx
 
 
@@ -48,6 +47,6 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, out=None, own_
     """``x [M, K]``, ``dy [M, N]`` -> packed ``(dy^T @ x)`` at the active blocks, ``[nnz, bn, bk]``;
     the other arguments are the layout's weight-gradient metadata, ``out`` and ``own_blocks`` (see
     :func:`conv.grad_weight`)."""
-    m = x.shape[0]
-    return conv.grad_weight(x, dy, row_idx, col_idx, groups, counters, block, (m, 1, 1, x.shape[1]),
-                            (m, 1, 1, dy.shape[1]), *_ONE, _tf32(x), out, own_blocks)
+    m, k = x.shape
+    return conv.grad_weight(x, dy, row_idx, col_idx, groups, counters, block, (m, 1, 1, k), (m, 1, 1, dy.shape[1]),
+                            *_ONE, _tf32(x), out, own_blocks)

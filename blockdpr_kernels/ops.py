@@ -39,28 +39,31 @@ BACKENDS = ("auto", "triton", "reference")
 CONV_STRIDES = (1, 2)
 CONV_PADDINGS = (0, 1)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REFERENCE_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 BF16_INTERPRETER_REASON = ("the Triton interpreter does not support bf16 tl.dot (triton issue 11584: it multiplies "
                            "raw bit patterns; fp16 and fp32 are right); bf16 runs on a real GPU")
 
 
 # ----------------------------------------------------------------------------- validation
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, x: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
+        return "triton" if HAS_TRITON and x.is_cuda else "reference"
     if backend == "triton":
         if not HAS_TRITON:
             raise ValueError("backend: 'triton' requested but triton is not installed")
-        if device.type != "cuda" and not conv.CPU_LAUNCH:
-            raise ValueError(f"backend: 'triton' needs CUDA tensors (got {device}) unless "
+        if not x.is_cuda and not conv.CPU_LAUNCH:
+            raise ValueError(f"backend: 'triton' needs CUDA tensors (got {x.device}) unless "
                              "TRITON_INTERPRET=1 is set before blockdpr_kernels is imported")
     return backend
 
 
 def _autocast(x: Tensor, values, bias):
     """Under torch.autocast, cast floating inputs to the autocast dtype (as F.linear / F.conv2d do)."""
+    if not torch._C._is_any_autocast_enabled():  # the usual case, without naming a device type
+        return x, values, bias
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return x, values, bias
@@ -72,38 +75,42 @@ def _autocast(x: Tensor, values, bias):
 
 
 def _check_common(x, values, layout, bias, backend, blocks):
-    """Shared checks and autocast; returns ``(backend, x, values, bias)``."""
+    """Shared checks and autocast; returns ``(backend, x, values, bias)``. Runs per call: each tensor
+    property is read once."""
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a BlockLayout, got {type(layout).__name__}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a tensor, got {type(x).__name__}")
-    backend = _resolve_backend(backend, x.device)
-    if x.device != layout.device:
-        raise ValueError(f"x: expected device {layout.device} (the layout's), got {x.device}")
+    backend = _resolve_backend(backend, x)
+    device = x.device
+    if device != layout.device:
+        raise ValueError(f"x: expected device {layout.device} (the layout's), got {device}")
     x, values, bias = _autocast(x, values, bias)
-    dtypes = _KERNEL_DTYPES if backend == "triton" else _KERNEL_DTYPES + (torch.float64,)
-    if x.dtype not in dtypes:
-        raise TypeError(f"x: expected dtype in {[str(d) for d in dtypes]} for backend {backend!r}, got {x.dtype}")
-    if x.dtype == torch.bfloat16 and backend == "triton" and conv.INTERPRET:
+    dtype = x.dtype
+    dtypes = _KERNEL_DTYPES if backend == "triton" else _REFERENCE_DTYPES
+    if dtype not in dtypes:
+        raise TypeError(f"x: expected dtype in {[str(d) for d in dtypes]} for backend {backend!r}, got {dtype}")
+    if dtype == torch.bfloat16 and backend == "triton" and conv.INTERPRET:
         raise TypeError(f"x: torch.bfloat16 with backend 'triton' under TRITON_INTERPRET=1 gives wrong results: "
                         f"{BF16_INTERPRETER_REASON}; use float16 / float32 or backend='reference'")
     layout.check_values(values)
-    if values.dtype != x.dtype:
-        raise TypeError(f"values: expected dtype {x.dtype} (x's), got {values.dtype}")
+    if values.dtype != dtype:
+        raise TypeError(f"values: expected dtype {dtype} (x's), got {values.dtype}")
     if not values.is_contiguous():
         raise ValueError("values: expected a contiguous [nnz, bn, bk] tensor")
-    for name, b in zip(("bn", "bk"), layout.block):
-        if b not in blocks:
-            raise ValueError(f"layout.block: expected {name} in {blocks}, got {layout.block}")
+    bn, bk = layout.block
+    if bn not in blocks or bk not in blocks:
+        name = "bn" if bn not in blocks else "bk"
+        raise ValueError(f"layout.block: expected {name} in {blocks}, got {layout.block}")
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias: expected a tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (layout.shape[0],):
             raise ValueError(f"bias: expected shape [{layout.shape[0]}], got {list(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: expected dtype {x.dtype} (x's), got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: expected device {x.device} (x's), got {bias.device}")
+        if bias.dtype != dtype:
+            raise TypeError(f"bias: expected dtype {dtype} (x's), got {bias.dtype}")
+        if bias.device != device:
+            raise ValueError(f"bias: expected device {device} (x's), got {bias.device}")
         if not bias.is_contiguous():
             raise ValueError("bias: expected a contiguous tensor")
     return backend, x, values, bias
@@ -123,10 +130,30 @@ def _operands(values: Tensor, layout: BlockLayout, backend: str):
     return values, idx
 
 
-def _eager(plain, transformable):
-    """The autograd Function of the eager path: the ``setup_context`` style only while a ``torch.func``
-    transform is active (the check ``Function.apply`` itself makes), else the cheaper plain style."""
-    return transformable if torch._C._are_functorch_transforms_active() else plain
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _eager_path(plain, transformable) -> tuple:
+    """``(C-level apply of plain, transformable)``: what :func:`_apply_eager` runs. ``plain.apply`` (Python)
+    ends in this C ``apply`` (``torch._C._FunctionBase.apply``); ``plain`` defines no ``setup_context``,
+    so ``Function.apply`` would bind no default arguments before it."""
+    return super(torch.autograd.Function, plain).apply, transformable
+
+
+def _apply_eager(path, x, values, bias, *rest):
+    """The eager path's autograd Function on ``(x, values, bias, *rest)``: the ``setup_context`` style one
+    while a ``torch.func`` transform is active (``Function.apply``'s own check), else the plain one
+    through its C ``apply``, after the one step ``Function.apply`` takes without a transform: unwrapping
+    tensors that escaped a transform (``torch._functorch.utils.unwrap_dead_wrappers``)."""
+    c_apply, transformable = path
+    if torch._C._are_functorch_transforms_active():
+        return transformable.apply(x, values, bias, *rest)
+    return c_apply(_unwrap_if_dead(x), _unwrap_if_dead(values), None if bias is None else _unwrap_if_dead(bias),
+                   *rest)
+
+
+_LINEAR = _eager_path(functions.Linear, functions.LinearTransformable)
+_CONV2D = _eager_path(functions.Conv2d, functions.Conv2dTransformable)
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
@@ -148,17 +175,18 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     """
     backend, x, values, bias = _check_common(x, values, layout, bias, backend, LINEAR_BLOCKS)
     n, k = layout.shape
-    if x.dim() < 1 or x.shape[-1] != k:
+    dim = x.dim()
+    if dim < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected last dim K = {k} (layout.shape[1]), got shape {list(x.shape)}")
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous tensor")
     values, idx = _operands(values, layout, backend)
-    rows = x if x.dim() == 2 else x.reshape(-1, k)  # no view (and no view node in the backward) for [M, K]
+    rows = x if dim == 2 else x.reshape(-1, k)  # no view (and no view node in the backward) for [M, K]
     if torch.compiler.is_compiling():
         y = library.linear(rows, values, idx, bias, backend)
     else:
-        y = _eager(functions.Linear, functions.LinearTransformable).apply(rows, values, bias, idx, backend)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+        y = _apply_eager(_LINEAR, rows, values, bias, idx, backend)
+    return y if dim == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _pair(v, name):
@@ -239,5 +267,4 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout, bias: Op
     values, idx = _operands(values, layout, backend)
     if torch.compiler.is_compiling():
         return library.conv2d(x, values, idx, bias, ks, stride, padding, backend)
-    return _eager(functions.Conv2d, functions.Conv2dTransformable).apply(x, values, bias, idx, ks, stride, padding,
-                                                                         backend)
+    return _apply_eager(_CONV2D, x, values, bias, idx, ks, stride, padding, backend)

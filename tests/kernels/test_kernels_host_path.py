@@ -162,3 +162,25 @@ def test_density_bucket_separates_dense_from_sparse_in_the_autotune_key():
     assert all(keys[0][k] != keys[1][k] for k in keys[0]), "a dense and a 10% layout share an autotune key"
     assert keys[1] == keys[2], "two layouts of one density got different autotune keys"
     assert (dense.density_bucket, keys[1]["fwd"][-1]) == (6, 3)  # 40 and 4 active blocks per row
+
+
+def test_launch_signature_tells_dtypes_and_each_misaligned_pointer_apart():
+    """The launcher keys its compiled kernels on every tensor's dtype and 16-byte alignment (the JIT
+    specialises pointers on it); the usual all-aligned case is one flag."""
+    from blockdpr_kernels.launch import _signature
+    scalars = (7, 1, 1, 1, 1, 48, 32, 3, 1, 1, 1, 0, 16, 16, "ieee")
+    base = torch.zeros(64, dtype=torch.float16)
+    aligned, offset = base[:8], base[1:9]  # offset: 2 bytes past a 16-byte boundary
+    index = torch.zeros(8, dtype=torch.int32)
+
+    def key(*tensors):
+        return _signature(0, tensors, scalars, tuple(t.data_ptr() for t in tensors))
+
+    all_aligned = key(aligned, aligned, index, index, index, aligned)
+    assert all_aligned == key(base[8:16], aligned, index, index, index, aligned)  # another aligned pointer
+    assert all_aligned[-1] is True
+    one_off = key(aligned, offset, index, index, index, aligned)
+    assert one_off != all_aligned and one_off[-1] == (True, False, True, True, True, True)
+    assert key(aligned, aligned, index, index, index, offset) != one_off
+    assert key(aligned.float(), aligned, index, index, index, aligned) != all_aligned  # dtype
+    assert key(aligned, aligned, index, index, index, aligned)[1] == scalars
