@@ -242,6 +242,17 @@ def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
 
 
+@triton.jit
+def _input_tile(x_ptr, rows, ok, chans, C_IN: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr,
+                BK: tl.constexpr):
+    """Pointers and mask of the weight gradient's gathered input tile ``[BLOCK_M, G * BK]``: pixel rows
+    ``rows`` (int64, mask ``ok``, ``[BLOCK_M, G]``) of NHWC ``x``, block ``g``'s channels ``chans[g]``
+    (``[G, BK]``). Channels are contiguous: the layout a dot operand is copied in asynchronously (cp.async)."""
+    ptrs = x_ptr + rows[:, :, None] * C_IN + chans[None, :, :]
+    mask = tl.broadcast_to(ok[:, :, None], (BLOCK_M, G, BK))
+    return tl.reshape(ptrs, (BLOCK_M, G * BK)), tl.reshape(mask, (BLOCK_M, G * BK))
+
+
 @triton.autotune(configs=_configs(), key=_WGRAD_KEY,
                  prune_configs_by={"early_config_prune": _pruner("wgrad")})
 @triton.jit(do_not_specialize=["DENSITY"])
@@ -289,18 +300,30 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
     tiles = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(tiles, n_splits)
     acc = tl.zeros((G * BK, BN), dtype=tl.float32)
-    for t in range(split * per_split, tl.minimum(tiles, (split + 1) * per_split)):
-        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = split * per_split
+    offs_m = first * BLOCK_M + tl.arange(0, BLOCK_M)
+    g_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :]  # [BLOCK_M, BN]
+    # A tile of whole images (BLOCK_M a multiple of P*Q, e.g. WRN's 8x8 stage) has one pixel pattern:
+    # tile t + 1 is tile t moved by BLOCK_M / (P*Q) images, so its rows and padding masks are computed
+    # once, outside the loop, which then only moves the pointers (no per-pixel division or bound check).
+    WHOLE_IMAGES: tl.constexpr = BLOCK_M % (P * Q) == 0
+    if WHOLE_IMAGES:
         b, i, j = _pixels(offs_m, P, Q)
-        rows, ok = _tap_rows(b[:, None], i[:, None], j[:, None], (offs_m < M)[:, None], tap,
-                             H, W, S, STRIDE, PAD, False)  # [BLOCK_M, G]
-        # [BLOCK_M, G * BK], channels contiguous: the layout a dot operand is copied in asynchronously
-        a = tl.load(tl.reshape(x_ptr + rows[:, :, None] * C_IN + chans[None, :, :], (BLOCK_M, G * BK)),
-                    mask=tl.reshape(((ok & mine[None, :])[:, :, None]) & (offs_k < BK)[None, None, :],
-                                    (BLOCK_M, G * BK)), other=0.0)
-        g = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :],
-                    mask=(offs_m < M)[:, None], other=0.0)  # [BLOCK_M, BN]
+        rows, ok = _tap_rows(b[:, None], i[:, None], j[:, None], True, tap, H, W, S, STRIDE, PAD, False)
+        a_ptrs, a_ok = _input_tile(x_ptr, rows, ok & mine[None, :], chans, C_IN, BLOCK_M, G, BK)
+    for t in range(first, tl.minimum(tiles, first + per_split)):
+        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_m = (offs_m < M)[:, None]
+        if not WHOLE_IMAGES:
+            b, i, j = _pixels(offs_m, P, Q)
+            rows, ok = _tap_rows(b[:, None], i[:, None], j[:, None], True, tap, H, W, S, STRIDE, PAD, False)
+            a_ptrs, a_ok = _input_tile(x_ptr, rows, ok & mine[None, :], chans, C_IN, BLOCK_M, G, BK)
+        a = tl.load(a_ptrs, mask=a_ok & in_m, other=0.0)  # [BLOCK_M, G * BK]
+        g = tl.load(g_ptrs, mask=in_m, other=0.0)  # [BLOCK_M, BN]
         acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+        g_ptrs += BLOCK_M * C_OUT
+        if WHOLE_IMAGES:
+            a_ptrs += BLOCK_M // (P * Q) * H * W * C_IN
     offs = blks.to(tl.int64)[:, None, None] * (BN * BK) + offs_n[None, None, :] * BK + offs_k[None, :, None]
     keep = mine[:, None, None]  # offs, keep: [G, BK, BN]
     acc = tl.reshape(acc, (G, BK, BN))

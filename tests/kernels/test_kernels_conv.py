@@ -104,6 +104,16 @@ def test_conv_rectangular_kernel_and_spatial_edges():
     torch.testing.assert_close(*outs, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("hw,stride,batch", [((4, 4), 1, 5), ((8, 4), 1, 3), ((4, 4), 2, 11), ((2, 1), 2, 40)])
+def test_conv_weight_grad_whole_image_tiles(hw, stride, batch):
+    """Output images that tile BLOCK_M exactly (P*Q divides it): the weight gradient computes one tile's
+    pixel pattern and moves it by whole images per tile, over several tiles (the last one partial but for 8x4)."""
+    p, q = ((s + 2 - 3) // stride + 1 for s in hw)
+    block_m = _conv._configs()[0].kwargs["BLOCK_M"]
+    assert block_m % (p * q) == 0 and batch * p * q > block_m, "not the case meant"
+    check_conv(random_mask(2, 9 * 2, 0.5, 8), (16, 16), batch, hw, 3, stride, 1, torch.float32, with_bias=False)
+
+
 @BF16_SKIP
 def test_conv_bf16():
     check_conv(random_mask(4, 9 * 4, 0.3, 5), (32, 32), 3, (8, 8), 3, 1, 1, torch.bfloat16, with_bias=True)
