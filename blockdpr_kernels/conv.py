@@ -243,14 +243,30 @@ def _dgrad_kernel(dy_ptr, v_ptr, col_ptr, col_row_idx, col_perm, dx_ptr,
 
 
 @triton.jit
-def _input_tile(x_ptr, rows, ok, chans, C_IN: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr,
-                BK: tl.constexpr):
-    """Pointers and mask of the weight gradient's gathered input tile ``[BLOCK_M, G * BK]``: pixel rows
-    ``rows`` (int64, mask ``ok``, ``[BLOCK_M, G]``) of NHWC ``x``, block ``g``'s channels ``chans[g]``
-    (``[G, BK]``). Channels are contiguous: the layout a dot operand is copied in asynchronously (cp.async)."""
+def _input_tile(x_ptr, offs_m, tap, chans, mine, H: tl.constexpr, W: tl.constexpr, P: tl.constexpr,
+                Q: tl.constexpr, C_IN: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                G: tl.constexpr, BK: tl.constexpr):
+    """Pointers and mask (padding, blocks past the run) of the weight gradient's gathered input tile
+    ``[BLOCK_M, G * BK]`` of NHWC ``x``: the pixel rows of output pixels ``offs_m [BLOCK_M]`` through each
+    block's tap ``tap [1, G]``, block ``g``'s channels ``chans[g]`` (``[G, BK]``, ``mine [G]``: block
+    exists). Channels are contiguous: the layout a dot operand is copied in asynchronously (cp.async)."""
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    b, i, j = _pixels(offs_m, P, Q)
+    rows, ok = _tap_rows(b[:, None], i[:, None], j[:, None], mine[None, :], tap, H, W, S, STRIDE, PAD, False)
     ptrs = x_ptr + rows[:, :, None] * C_IN + chans[None, :, :]
     mask = tl.broadcast_to(ok[:, :, None], (BLOCK_M, G, BK))
     return tl.reshape(ptrs, (BLOCK_M, G * BK)), tl.reshape(mask, (BLOCK_M, G * BK))
+
+
+@triton.jit
+def _wgrad_step(acc, a_ptrs, a_ok, g_ptrs, g_ok, PRECISION: tl.constexpr):
+    """``acc [G*BK, BN] += a^T @ g`` for one M tile: the gathered input ``a`` and dy ``g`` (masks: None = all)."""
+    a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+    if g_ok is None:
+        g = tl.load(g_ptrs)
+    else:
+        g = tl.load(g_ptrs, mask=g_ok, other=0.0)
+    return tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
 
 
 @triton.autotune(configs=_configs(), key=_WGRAD_KEY,
@@ -302,6 +318,8 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
     per_split = tl.cdiv(tiles, n_splits)
     acc = tl.zeros((G * BK, BN), dtype=tl.float32)
     first = split * per_split
+    last = tl.minimum(tiles, first + per_split)
+    full = tl.maximum(first, tl.minimum(last, M // BLOCK_M))  # first .. full - 1 lie wholly in M: no row mask
     offs_m = first * BLOCK_M + tl.arange(0, BLOCK_M)
     g_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :]  # [BLOCK_M, BN]
     # A tile of whole images (BLOCK_M a multiple of P*Q, e.g. WRN's 8x8 stage) has one pixel pattern:
@@ -309,22 +327,21 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
     # once, outside the loop, which then only moves the pointers (no per-pixel division or bound check).
     WHOLE_IMAGES: tl.constexpr = BLOCK_M % (P * Q) == 0
     if WHOLE_IMAGES:
-        b, i, j = _pixels(offs_m, P, Q)
-        rows, ok = _tap_rows(b[:, None], i[:, None], j[:, None], True, tap, H, W, S, STRIDE, PAD, False)
-        a_ptrs, a_ok = _input_tile(x_ptr, rows, ok & mine[None, :], chans, C_IN, BLOCK_M, G, BK)
-    for t in range(first, tl.minimum(tiles, first + per_split)):
-        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_m = (offs_m < M)[:, None]
+        a_ptrs, a_ok = _input_tile(x_ptr, offs_m, tap, chans, mine, H, W, P, Q, C_IN, S, STRIDE, PAD, G, BK)
+    for t in range(first, full):
         if not WHOLE_IMAGES:
-            b, i, j = _pixels(offs_m, P, Q)
-            rows, ok = _tap_rows(b[:, None], i[:, None], j[:, None], True, tap, H, W, S, STRIDE, PAD, False)
-            a_ptrs, a_ok = _input_tile(x_ptr, rows, ok & mine[None, :], chans, C_IN, BLOCK_M, G, BK)
-        a = tl.load(a_ptrs, mask=a_ok & in_m, other=0.0)  # [BLOCK_M, G * BK]
-        g = tl.load(g_ptrs, mask=in_m, other=0.0)  # [BLOCK_M, BN]
-        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+            offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            a_ptrs, a_ok = _input_tile(x_ptr, offs_m, tap, chans, mine, H, W, P, Q, C_IN, S, STRIDE, PAD, G, BK)
+        acc = _wgrad_step(acc, a_ptrs, a_ok, g_ptrs, None, PRECISION)
         g_ptrs += BLOCK_M * C_OUT
         if WHOLE_IMAGES:
             a_ptrs += BLOCK_M // (P * Q) * H * W * C_IN
+    if full < last:  # the last tile of M, partial: rows past M masked
+        offs_m = full * BLOCK_M + tl.arange(0, BLOCK_M)
+        if not WHOLE_IMAGES:
+            a_ptrs, a_ok = _input_tile(x_ptr, offs_m, tap, chans, mine, H, W, P, Q, C_IN, S, STRIDE, PAD, G, BK)
+        in_m = (offs_m < M)[:, None]
+        acc = _wgrad_step(acc, a_ptrs, a_ok & in_m, g_ptrs, in_m, PRECISION)
     offs = blks.to(tl.int64)[:, None, None] * (BN * BK) + offs_n[None, None, :] * BK + offs_k[None, :, None]
     keep = mine[:, None, None]  # offs, keep: [G, BK, BN]
     acc = tl.reshape(acc, (G, BK, BN))
