@@ -294,7 +294,8 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
     The geometry is constexpr (fixed per layer: one compile per layer shape), because every
     iteration splits a new M tile into pixels: by constants these divisions are multiplications
     (372 -> 178 SASS instructions per iteration at BLOCK_M 64, 4 warps, block 32 on sm_90), and a tile
-    of whole images computes its pixels once, before the loop (178 -> 114 at 8x8). The gathered input
+    of whole images computes its pixels once, before the loop (178 -> 114 at 8x8); the tiles wholly inside
+    M load without a row mask, the partial last one after the loop (114 -> 86). The gathered input
     tile is loaded as ``[BLOCK_M, G*BK]``, channels contiguous, so it is copied global -> shared
     asynchronously (cp.async) like dy.
     """
