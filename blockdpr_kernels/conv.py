@@ -338,9 +338,10 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
         if WHOLE_IMAGES:
             a_ptrs += BLOCK_M // (P * Q) * H * W * C_IN
     if full < last:  # the last tile of M, partial: rows past M masked
+        # pointers computed afresh: the loop's are dead after it, so a pipelined loop keeps no copies
         offs_m = full * BLOCK_M + tl.arange(0, BLOCK_M)
-        if not WHOLE_IMAGES:
-            a_ptrs, a_ok = _input_tile(x_ptr, offs_m, tap, chans, mine, H, W, P, Q, C_IN, S, STRIDE, PAD, G, BK)
+        a_ptrs, a_ok = _input_tile(x_ptr, offs_m, tap, chans, mine, H, W, P, Q, C_IN, S, STRIDE, PAD, G, BK)
+        g_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :]
         in_m = (offs_m < M)[:, None]
         acc = _wgrad_step(acc, a_ptrs, a_ok & in_m, g_ptrs, in_m, PRECISION)
     offs = blks.to(tl.int64)[:, None, None] * (BN * BK) + offs_n[None, None, :] * BK + offs_k[None, :, None]
