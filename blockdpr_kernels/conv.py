@@ -259,6 +259,12 @@ def _input_tile(x_ptr, offs_m, tap, chans, mine, H: tl.constexpr, W: tl.constexp
 
 
 @triton.jit
+def _dy_tile(dy_ptr, offs_m, n, C_OUT: tl.constexpr, BN: tl.constexpr):
+    """Pointers ``[BLOCK_M, BN]`` of dy's rows ``offs_m`` in block column ``n`` (dy ``[M, C_OUT]``)."""
+    return dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + tl.arange(0, BN)[None, :]
+
+
+@triton.jit
 def _wgrad_step(acc, a_ptrs, a_ok, g_ptrs, g_ok, PRECISION: tl.constexpr):
     """``acc [G*BK, BN] += a^T @ g`` for one M tile: the gathered input ``a`` and dy ``g`` (masks: None = all)."""
     a = tl.load(a_ptrs, mask=a_ok, other=0.0)
@@ -322,7 +328,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
     last = tl.minimum(tiles, first + per_split)
     full = tl.maximum(first, tl.minimum(last, M // BLOCK_M))  # first .. full - 1 lie wholly in M: no row mask
     offs_m = first * BLOCK_M + tl.arange(0, BLOCK_M)
-    g_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :]  # [BLOCK_M, BN]
+    g_ptrs = _dy_tile(dy_ptr, offs_m, n, C_OUT, BN)
     # A tile of whole images (BLOCK_M a multiple of P*Q, e.g. WRN's 8x8 stage) has one pixel pattern:
     # tile t + 1 is tile t moved by BLOCK_M / (P*Q) images, so its rows and padding masks are computed
     # once, outside the loop, which then only moves the pointers (no per-pixel division or bound check).
@@ -341,7 +347,7 @@ def _wgrad_kernel(x_ptr, dy_ptr, groups, row_idx, col_idx, dv_ptr, ws_ptr, count
         # pointers computed afresh: the loop's are dead after it, so a pipelined loop keeps no copies
         offs_m = full * BLOCK_M + tl.arange(0, BLOCK_M)
         a_ptrs, a_ok = _input_tile(x_ptr, offs_m, tap, chans, mine, H, W, P, Q, C_IN, S, STRIDE, PAD, G, BK)
-        g_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * C_OUT + n * BN + offs_n[None, :]
+        g_ptrs = _dy_tile(dy_ptr, offs_m, n, C_OUT, BN)
         in_m = (offs_m < M)[:, None]
         acc = _wgrad_step(acc, a_ptrs, a_ok & in_m, g_ptrs, in_m, PRECISION)
     offs = blks.to(tl.int64)[:, None, None] * (BN * BK) + offs_n[None, None, :] * BK + offs_k[None, :, None]
