@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launcher
-from .layout import density_bucket, wgrad_group, wgrad_splits, wgrad_workspace
+from .layout import density_bucket, wgrad_group, wgrad_runs_bound, wgrad_splits, wgrad_workspace
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Whether ops may launch the kernels on CPU tensors: under the interpreter, or under the do-nothing CUDA
@@ -452,7 +452,7 @@ def grad_weight(x, dy, row_idx, col_idx, groups, counters, block, x_nhwc, dy_nhw
         return dv.zero_()
     n_groups = groups.shape[0]
     own = nnz if own_blocks is None else own_blocks
-    used = n_groups if own_blocks is None else own // wgrad_group(bk) + c_out // bn + 1  # the runs' bound
+    used = n_groups if own_blocks is None else wgrad_runs_bound(own, c_out // bn, bk)
     device = x.device
     splits = min(_splits(used, device), -(-m // _MIN_BLOCK_M))  # each split >= 1 M tile
     workspace = wgrad_workspace(nnz * bn * bk, device)  # a lookup: the layout sized it

@@ -20,8 +20,8 @@ import torch
 
 from .reference import dense_weight, gather_blocks
 
-__all__ = ["BlockLayout", "from_dense", "to_dense", "wgrad_group", "wgrad_splits", "wgrad_workspace",
-           "density_bucket"]
+__all__ = ["BlockLayout", "from_dense", "to_dense", "wgrad_group", "wgrad_runs_bound", "wgrad_splits",
+           "wgrad_workspace", "density_bucket"]
 
 
 class BlockLayout:
@@ -225,7 +225,7 @@ def _index_tensors(mask: torch.Tensor, nnz: int, bk: int, offset: int = 0,
     row_ptr = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0))
     col_ptr = torch.nn.functional.pad(mask.sum(0).cumsum(0), (1, 0))
     before = torch.nn.functional.pad(mask.to(torch.int64).cumsum(1), (1, 0))  # blocks left of each column
-    runs = _runs(rows, row_ptr, wgrad_group(bk), nb, n_groups)
+    runs = _runs(rows, row_ptr, wgrad_group(bk), nb, wgrad_runs_bound(nnz, nb, bk) if n_groups is None else n_groups)
     return {"row_idx": as_int(rows), "col_idx": as_int(cols), "row_ptr": as_int(row_ptr + offset),
             "col_ptr": as_int(col_ptr + offset), "row_prefix": as_int(before + row_ptr[:-1, None] + offset),
             "col_perm": as_int(index[col_cols + col_rows * kb] + offset), "col_row_idx": as_int(col_rows),
@@ -237,13 +237,19 @@ def wgrad_group(bk: int) -> int:
     return max(1, 64 // bk)
 
 
-def _runs(rows: torch.Tensor, row_ptr: torch.Tensor, g: int, n_rows: int, n_groups: int | None = None) -> torch.Tensor:
-    """``[n_groups, 2]`` int64 (default ``nnz // g + n_rows + 1``, a bound on the runs): first and end packed
+def wgrad_runs_bound(nnz: int, n_rows: int, bk: int) -> int:
+    """A bound on the weight-gradient runs of ``nnz`` blocks in ``n_rows`` block rows (runs of up to
+    :func:`wgrad_group` ``(bk)`` blocks of one row): the rows of a layout's ``wgrad_groups``, and what
+    its split count follows."""
+    return nnz // wgrad_group(bk) + n_rows + 1
+
+
+def _runs(rows: torch.Tensor, row_ptr: torch.Tensor, g: int, n_rows: int, n_groups: int) -> torch.Tensor:
+    """``[n_groups, 2]`` int64 (at least :func:`wgrad_runs_bound` rows): first and end packed
     block of each run of up to ``g`` consecutive blocks of one block row (``rows`` sorted, int64; ``row_ptr``
     ``[n_rows + 1]`` int64), then empty runs ``(0, 0)``. On the device, with no sync: each run's leading
     block scatters its run into slot (runs before it); other blocks scatter into a spare last slot that is dropped."""
     nnz = rows.numel()
-    n_groups = nnz // g + n_rows + 1 if n_groups is None else n_groups
     blk = torch.arange(nnz, device=rows.device)
     row_start, row_end = row_ptr[rows], row_ptr[rows + 1]
     lead = (blk - row_start) % g == 0

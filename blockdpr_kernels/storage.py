@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layout import BlockLayout, _index_tensors, wgrad_group, wgrad_workspace
+from .layout import BlockLayout, _index_tensors, wgrad_runs_bound, wgrad_workspace
 
 __all__ = ["PackedStorage"]
 
@@ -164,4 +164,4 @@ def _offsets(counts: list[int]) -> list[int]:
 
 def _group_capacity(grid: tuple[int, int], bk: int) -> int:
     """Weight-gradient runs a layout of this grid can need at any density (every block active)."""
-    return grid[0] * grid[1] // wgrad_group(bk) + grid[0] + 1
+    return wgrad_runs_bound(grid[0] * grid[1], grid[0], bk)
